@@ -1,0 +1,1 @@
+"""The NemotronH engine: network, checkpoints, tokenizer and chat formats."""

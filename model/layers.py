@@ -1,0 +1,234 @@
+"""NemotronH mixers: Mamba-2, GQA attention (no positional embeddings), squared-ReLU MLP, MoE.
+
+Every mixer maps hidden states [T, hidden] of a flat token batch to [T, hidden]. Parameter names
+follow the Hugging Face checkpoints (`backbone.layers.N.mixer.*`), except that routed experts are
+stacked into one [E, ...] tensor per projection (the loader stacks them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agentrt.kernels.mamba import (
+    causal_conv1d_ref,
+    causal_conv1d_update_ref,
+    gated_rmsnorm_ref,
+    selective_state_update_ref,
+    ssd_scan_ref,
+)
+from agentrt.kernels.moe import moe_experts_ref
+
+from .config import ModelConfig
+from .state import StateView
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * h).to(x.dtype)
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    return torch.relu(x).square()
+
+
+ACTIVATIONS = {"relu2": relu2, "silu": F.silu}
+
+
+class MLP(nn.Module):
+    """down(act(up(x))) — no gate (NemotronH MLPs and shared experts are not gated)."""
+
+    def __init__(self, config: ModelConfig, intermediate: int):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, intermediate, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(intermediate, config.hidden_size, bias=config.mlp_bias)
+        self.act = ACTIVATIONS[config.mlp_hidden_act]
+
+    def forward(self, x: torch.Tensor, view: StateView | None = None) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class Router(nn.Module):
+    """Sigmoid router with a score-correction bias and group-limited top-k (DeepSeek-V3 style)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.n_routed_experts, config.hidden_size))
+        # kept in fp32 whatever the model dtype, as in the reference checkpoints
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
+        self.top_k, self.n_group, self.topk_group = config.num_experts_per_tok, config.n_group, config.topk_group
+        self.normalize, self.scale = config.norm_topk_prob, config.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: [T, hidden] -> (expert ids [T, k], weights [T, k] fp32)
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [T, E]
+        choice = scores + self.e_score_correction_bias.float()  # the bias steers selection only
+        if self.n_group > 1:
+            grouped = choice.view(x.shape[0], self.n_group, -1)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [T, n_group]
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep[..., None], -torch.inf).view_as(choice)
+        ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.normalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * self.scale
+
+
+class Experts(nn.Module):
+    """Routed experts, stacked: up_proj [E, I, Din], down_proj [E, Din, I] (Din = latent or hidden)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d_in = config.moe_latent_size or config.hidden_size
+        E, inter = config.n_routed_experts, config.moe_intermediate_size
+        self.up_proj = nn.Parameter(torch.empty(E, inter, d_in))
+        self.down_proj = nn.Parameter(torch.empty(E, d_in, inter))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return moe_experts_ref(x, self.up_proj, self.down_proj, ids, weights)
+
+
+class MoE(nn.Module):
+    """Routed experts (optionally in a LatentMoE latent space) plus an always-on shared expert."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        self.shared_experts = MLP(config, config.moe_shared_expert_intermediate_size)
+        latent = config.moe_latent_size
+        if latent is not None:
+            self.fc1_latent_proj = nn.Linear(config.hidden_size, latent, bias=config.mlp_bias)
+            self.fc2_latent_proj = nn.Linear(latent, config.hidden_size, bias=config.mlp_bias)
+        else:
+            self.fc1_latent_proj = self.fc2_latent_proj = None
+
+    def forward(self, x: torch.Tensor, view: StateView | None = None) -> torch.Tensor:
+        ids, weights = self.gate(x)
+        h = x if self.fc1_latent_proj is None else self.fc1_latent_proj(x)
+        h = self.experts(h, ids, weights)
+        if self.fc2_latent_proj is not None:
+            h = self.fc2_latent_proj(h)
+        return h + self.shared_experts(x)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with no positional embedding; the cache lives behind the view."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.heads, self.kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, view: StateView) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
+        return self.o_proj(view.attention(self.layer, q, k, v).reshape(T, -1))
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2: in-projection, causal depthwise conv, SSD scan, gated RMSNorm, out-projection."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.heads, self.head_dim = config.mamba_num_heads, config.mamba_head_dim
+        self.groups, self.state_size = config.n_groups, config.ssm_state_size
+        self.inner, self.conv_dim = config.mamba_intermediate, config.conv_dim
+        self.chunk_size, self.dt_min, self.eps = config.chunk_size, config.time_step_min, config.layer_norm_epsilon
+        self.in_proj = nn.Linear(config.hidden_size, self.inner + self.conv_dim + self.heads, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, config.conv_kernel, groups=self.conv_dim, bias=config.use_conv_bias
+        )
+        self.dt_bias = nn.Parameter(torch.ones(self.heads))
+        self.A_log = nn.Parameter(torch.zeros(self.heads))
+        self.D = nn.Parameter(torch.ones(self.heads))
+        self.norm = RMSNorm(self.inner, config.layer_norm_epsilon)  # weight only; applied gated, per group
+        self.out_proj = nn.Linear(self.inner, config.hidden_size, bias=config.use_bias)
+
+    def forward(self, x: torch.Tensor, view: StateView) -> torch.Tensor:
+        # x: [T, hidden]
+        gate, xBC, dt = self.in_proj(x).split([self.inner, self.conv_dim, self.heads], dim=-1)
+        # dt: softplus(dt + bias), clamped below at time_step_min as the reference prefill does
+        dt = F.softplus(dt + self.dt_bias).clamp(min=self.dt_min)
+        A = -torch.exp(self.A_log.float())
+        weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
+        conv, ssm = view.mamba_states(self.layer)  # [B, C, K-1], [B, H, P, N]
+        y = torch.empty(x.shape[0], self.heads, self.head_dim, dtype=torch.float32, device=x.device)
+
+        lens = view.seq_lens
+        starts = [sum(lens[:i]) for i in range(len(lens))]
+        single = [i for i, n in enumerate(lens) if n == 1]
+        if single:  # decode: one recurrent step for all one-token sequences at once
+            rows, tok = torch.tensor(single, device=x.device), torch.tensor([starts[i] for i in single], device=x.device)
+            c_rows, s_rows = conv[rows], ssm[rows]
+            h = causal_conv1d_update_ref(xBC[tok], c_rows, weight, bias)
+            xs, B, C = self._split(h)
+            y[tok] = selective_state_update_ref(s_rows, xs, dt[tok], A, B, C, self.D)
+            conv[rows], ssm[rows] = c_rows, s_rows
+        for i, n in enumerate(lens):  # prefill: chunked scan per sequence, from its cached state
+            if n <= 1:
+                continue
+            seg = slice(starts[i], starts[i] + n)
+            h, conv[i] = causal_conv1d_ref(xBC[seg], weight, bias, conv[i])
+            xs, B, C = self._split(h)
+            y[seg], ssm[i] = ssd_scan_ref(xs, dt[seg], A, B, C, self.D, self.chunk_size, ssm[i])
+        view.set_mamba_states(self.layer, conv, ssm)
+
+        y = gated_rmsnorm_ref(y.view(x.shape[0], -1), gate, self.norm.weight, self.inner // self.groups, self.eps)
+        return self.out_proj(y)
+
+    def _split(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # h: [n, conv_dim] -> x [n, H, P], B [n, G, N], C [n, G, N]
+        gn = self.groups * self.state_size
+        xs, B, C = h.split([self.inner, gn, gn], dim=-1)
+        n = h.shape[0]
+        return (
+            xs.reshape(n, self.heads, self.head_dim),
+            B.reshape(n, self.groups, self.state_size),
+            C.reshape(n, self.groups, self.state_size),
+        )
+
+
+def make_mixer(config: ModelConfig, layer_type: str, layer: int) -> nn.Module:
+    if layer_type == "linear_attention":
+        return Mamba2Mixer(config, layer)
+    if layer_type == "full_attention":
+        return Attention(config, layer)
+    if layer_type == "moe":
+        return MoE(config)
+    return MLP(config, config.intermediate_size)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block around one mixer."""
+
+    def __init__(self, config: ModelConfig, layer_type: str, layer: int):
+        super().__init__()
+        self.layer_type = layer_type
+        self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.mixer = make_mixer(config, layer_type, layer)
+
+    def forward(self, x: torch.Tensor, view: StateView) -> torch.Tensor:
+        return x + self.mixer(self.norm(x), view)

@@ -110,10 +110,10 @@ def load_weights(model: NemotronH, directory: Path) -> None:
                             continue
                         dest = target
                     shape = tuple(handle.get_slice(raw).get_shape())
-                    if shape != tuple(dest.shape):
+                    if shape != tuple(dest.shape):  # reported as mis-shaped, not also as missing
                         misshaped.append(f"{raw}: checkpoint {list(shape)}, model expects {list(dest.shape)}")
-                        continue
-                    dest.copy_(handle.get_tensor(raw))
+                    else:
+                        dest.copy_(handle.get_tensor(raw))
                     if m:
                         expert_pending[target_name].discard(e)
                         if not expert_pending[target_name]:

@@ -110,3 +110,16 @@ def test_mtp_layers_load_and_decode_incrementally(tmp_path):
         steps.append(model.logits(model.mtp_forward(h[-1:], ids[t : t + 1], states=[state])))
         h = h_t
     torch.testing.assert_close(torch.cat(steps), full, atol=TOL, rtol=0)
+
+
+@torch.no_grad()
+def test_bf16_load_keeps_router_bias_fp32_and_stays_close(tmp_path):
+    write_checkpoint("moe_gqa4_grouped", tmp_path, seed=3)
+    fp32 = load_model(tmp_path, "cpu")
+    bf16 = load_model(tmp_path, "cpu", dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+    assert bf16.backbone.layers[1].mixer.gate.e_score_correction_bias.dtype == torch.float32
+    ids = random_ids(20, fp32.config.vocab_size, 8)
+    a, b = fp32.logits(fp32(ids)), bf16.logits(bf16(ids))
+    assert b.dtype == torch.float32
+    assert ((a - b).norm() / a.norm()) < 0.05

@@ -64,6 +64,7 @@ class EngineStats:
     prompt_tokens: int
     cached_prompt_tokens: int
     output_tokens: int
+    tokens_fed: int  # every token the model has read (prefill and decode)
     kv_used: int
     kv_total: int
     state_used: int
@@ -137,7 +138,7 @@ class Engine:
         # statistics
         self._window: deque[tuple[float, int, int]] = deque()
         self._steps = self._batch_total = self._last_batch = 0
-        self._prompt = self._cached = self._output = 0
+        self._prompt = self._cached = self._output = self._fed = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def __aenter__(self) -> Engine:
@@ -201,6 +202,7 @@ class Engine:
             prompt_tokens=self._prompt,
             cached_prompt_tokens=self._cached,
             output_tokens=self._output,
+            tokens_fed=self._fed,
             kv_used=self.kv.num_used,
             kv_total=self.kv.capacity,
             state_used=self.states.num_used if self.states else 0,
@@ -392,6 +394,7 @@ class Engine:
         while self._window and now - self._window[0][0] > 10.0:
             self._window.popleft()
         self._steps += 1
+        self._fed += sum(n for _, n in batch)
         self._last_batch = len(batch)
         self._batch_total += len(batch)
 

@@ -138,6 +138,7 @@ class Scheduler:
                 self.states.zero(state)
         seq.state_slot, seq.node = state, match.node
         seq.slots = match.slots[: match.usable]
+        seq.slots_rewritten()
         seq.computed = seq.owned_from = match.usable
         if seq.first_admission:
             seq.counts.cached_prompt = match.usable
@@ -176,6 +177,7 @@ class Scheduler:
         node, path_slots, duplicates = self.cache.insert(seq.tokens[: seq.computed], seq.slots[: seq.computed])
         self.kv.release(duplicates)
         seq.slots[: seq.computed] = path_slots
+        seq.slots_rewritten()
         seq.owned_from = seq.computed
         if self.states is not None:
             if keep:
@@ -213,6 +215,7 @@ class Scheduler:
         if seq.node is not None:
             self.cache.unlock(seq.node)
         seq.slots, seq.state_slot, seq.node = [], None, None
+        seq.slots_rewritten()
         seq.computed = seq.owned_from = 0
         seq.splits = []
 

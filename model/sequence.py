@@ -64,6 +64,8 @@ class Sequence:
         self.num_prompt = len(self.tokens)
         self.computed = 0
         self.slots: list[int] = []
+        self._table: torch.Tensor | None = None  # slots as a tensor, grown as slots are appended
+        self._table_len = 0
         self.owned_from = 0
         self.state_slot: int | None = None
         self.node: Node | None = None
@@ -95,6 +97,25 @@ class Sequence:
             if s > self.computed:
                 return s
         return len(self.tokens)
+
+    def slots_rewritten(self) -> None:
+        """Earlier entries of `slots` changed (prefix taken from or given to the cache)."""
+        self._table_len = 0
+
+    def slot_table(self, upto: int, device: torch.device) -> torch.Tensor:
+        """`slots[:upto]` as a tensor; only entries appended since the last call are converted."""
+        t, n = self._table, min(self._table_len, upto)
+        if t is None or t.device != device or upto > t.numel():
+            grown = torch.empty(max(upto, 2 * (t.numel() if t is not None else 0), 64), dtype=torch.long, device=device)
+            if t is not None and t.device == device:
+                grown[:n] = t[:n]
+            else:
+                n = 0
+            t = self._table = grown
+        if n < upto:
+            t[n:upto] = torch.tensor(self.slots[n:upto], dtype=torch.long, device=device)
+        self._table_len = upto
+        return t[:upto]
 
     @property
     def finished(self) -> bool:

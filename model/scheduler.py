@@ -2,8 +2,8 @@
 
 Each step packs every running decode plus prefill chunks under a token budget. Waiting requests
 are admitted when a state slot and room for their prompt's KV can be found (evicting unlocked
-cache entries first), ordered by longest cached prefix, or first-come-first-served when the
-queue is long. When memory runs out mid-run, the most recently admitted sequence is preempted
+cache entries first), ordered by priority, then longest cached prefix, or first-come-first-served
+when the queue is long. When memory runs out mid-run, the most recently admitted sequence is preempted
 and later recomputed from its tokens (its sampler state is kept, so its output is unchanged).
 
 Prefix sharing for the hybrid model: a prefill chunk ends where the prompt diverges from the
@@ -78,9 +78,11 @@ class Scheduler:
         if not self.waiting:
             return
         queue = list(self.waiting)
-        if len(queue) <= SORTED_QUEUE_MAX:  # longest cached prefix first, FCFS among equals
+        if len(queue) <= SORTED_QUEUE_MAX:  # priority, then longest cached prefix, then FCFS
             usable = {id(s): self.cache.match(s.tokens, len(s.tokens) - 1).usable for s in queue}
-            queue.sort(key=lambda s: -usable[id(s)])
+            queue.sort(key=lambda s: (-s.request.priority, -usable[id(s)]))
+        else:
+            queue.sort(key=lambda s: -s.request.priority)
         for seq in queue:
             if budget <= 0 or len(self.running) >= self.config.max_running:
                 break

@@ -234,3 +234,16 @@ def test_bad_requests_are_refused_clearly(lm):
         Request([])
     with pytest.raises(ValueError, match="top_p=0"):
         SamplingParams(top_p=0)
+
+
+def test_waiting_order_priority_then_cached_prefix(lm):
+    engine = Engine(lm, EngineConfig(max_running=1))
+    (warm,) = run(engine, [Request(ids(100, 21), greedy(2))])
+    cold = Sequence(Request(ids(30, 22)), None, None)
+    cached = Sequence(Request(ids(100, 21) + warm.token_ids + [40, 41]), None, None)
+    urgent = Sequence(Request(ids(30, 23), priority=5), None, None)
+    engine.scheduler.waiting.extend([cold, cached])
+    assert [s for s, _ in engine.scheduler.schedule()] == [cached]  # longest cached prefix first
+    engine.scheduler.release(cached)
+    engine.scheduler.waiting = type(engine.scheduler.waiting)([cold, cached, urgent])
+    assert [s for s, _ in engine.scheduler.schedule()] == [urgent]

@@ -13,6 +13,7 @@ and the requests that share that prefix wait for it instead of prefilling it aga
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -148,7 +149,7 @@ class Scheduler:
         seq.splits = []
         if self.states is not None and match.length > match.usable:  # diverges from the cache there
             self._add_split(seq, min(match.length, len(seq.tokens) - 1))
-        for other in self.waiting:  # and from other waiting prompts
+        for other in itertools.islice(self.waiting, SORTED_QUEUE_MAX):  # and from other waiting prompts
             if other is not seq:
                 shared = min(common_prefix(seq.tokens, other.tokens), len(seq.tokens) - 1)
                 if shared >= match.usable + MIN_SHARED:

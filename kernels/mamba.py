@@ -1,12 +1,14 @@
 """Mamba-2 references: causal depthwise conv, chunked SSD scan, one-token state update, gated RMSNorm.
 
-Pure PyTorch, one sequence (or one token per sequence) at a time; the Triton kernels of the GPU
-path are checked against these. Notation follows the Mamba-2 paper (Dao & Gu, 2024), section 6
+Pure PyTorch, over batches of equal-length sequences (or one token per sequence); the Triton
+kernels of the GPU path are checked against these. Notation follows the Mamba-2 paper (Dao & Gu, 2024), section 6
 ("SSD algorithm"): x inputs, dt step sizes, A (negative) decay rates, B/C input/output projections
 shared by the heads of a group, D the skip connection.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -15,18 +17,22 @@ import torch.nn.functional as F
 def causal_conv1d_ref(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise causal conv + SiLU over one sequence, continuing from `state`.
+    """Depthwise causal conv + SiLU over a batch of equal-length sequences, continuing from `state`.
 
-    x: [T, C]; weight: [C, K]; bias: [C] or None; state: [C, K-1] (the previous K-1 inputs) or None
-    for a fresh sequence. Returns (y [T, C], new_state [C, K-1]).
+    x: [B, T, C]; weight: [C, K]; bias: [C] or None; state: [B, C, K-1] (each sequence's previous
+    K-1 inputs) or None for fresh sequences. Returns (y [B, T, C], new_state [B, C, K-1]).
     """
-    T, C = x.shape
+    Bt, T, C = x.shape
     K = weight.shape[1]
     if state is None:
-        state = x.new_zeros(C, K - 1)
-    window = torch.cat([state.to(x.dtype), x.t()], dim=1)  # [C, K-1+T]
-    y = F.conv1d(window.unsqueeze(0), weight.unsqueeze(1), bias, groups=C)[0]  # [C, T]
-    return F.silu(y).t(), window[:, -(K - 1):]
+        state = x.new_zeros(Bt, C, K - 1)
+    window = torch.cat([state.to(x.dtype), x.transpose(1, 2)], dim=2)  # [B, C, K-1+T]
+    y = window[..., :T] * weight[:, :1]  # depthwise: a sum of K shifted products (faster than conv1d on CPU)
+    for j in range(1, K):
+        y = y + window[..., j:j + T] * weight[:, j:j + 1]
+    if bias is not None:
+        y = y + bias[:, None]
+    return F.silu(y).transpose(1, 2), window[..., T:]
 
 
 def causal_conv1d_update_ref(
@@ -44,17 +50,23 @@ def causal_conv1d_update_ref(
     return F.silu(y).to(x.dtype)
 
 
+@functools.lru_cache(maxsize=16)
+def _tril_masks(L: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode(False):  # cached: must stay usable outside inference mode too
+        ones = torch.ones(L, L, dtype=torch.bool, device=device)
+        return ~torch.tril(ones, diagonal=-1), ~torch.tril(ones)  # (not strictly lower, not lower)
+
+
 def _segsum(a: torch.Tensor) -> torch.Tensor:
     """a: [..., L] -> [..., L, L] with out[..., i, j] = sum(a[..., j+1:i+1]) for i >= j, -inf above.
 
     Summing a masked copy (instead of subtracting cumulative sums) avoids cancellation.
     """
     L = a.shape[-1]
+    not_strict, not_lower = _tril_masks(L, a.device)
     rep = a.unsqueeze(-1).expand(*a.shape, L)  # rep[..., i, j] = a[..., i]
-    strict = torch.tril(torch.ones(L, L, dtype=torch.bool, device=a.device), diagonal=-1)
-    out = torch.cumsum(rep.masked_fill(~strict, 0), dim=-2)
-    keep = torch.tril(torch.ones(L, L, dtype=torch.bool, device=a.device))
-    return out.masked_fill(~keep, -torch.inf)
+    out = torch.cumsum(rep.masked_fill(not_strict, 0), dim=-2)
+    return out.masked_fill(not_lower, -torch.inf)
 
 
 def ssd_scan_ref(
@@ -67,46 +79,46 @@ def ssd_scan_ref(
     chunk_size: int,
     initial_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked SSD scan of one sequence in fp32 (Mamba-2 paper, Listing 1, with an initial state).
+    """Chunked SSD scan in fp32 of equal-length sequences (Mamba-2 paper, Listing 1, with initial states).
 
-    x: [T, H, P]; dt: [T, H] (already softplus'd and clamped); A: [H] (negative); B, C: [T, G, N]
-    with H a multiple of G; D: [H]; initial_state: [H, P, N] or None.
-    Returns (y [T, H, P] in x's dtype, final_state [H, P, N] fp32).
+    x: [Bt, T, H, P]; dt: [Bt, T, H] (already softplus'd and clamped); A: [H] (negative);
+    B, C: [Bt, T, G, N] with H a multiple of G; D: [H]; initial_state: [Bt, H, P, N] or None.
+    Returns (y [Bt, T, H, P] in x's dtype, final_state [Bt, H, P, N] fp32).
     """
-    T, H, P = x.shape
-    G, N = B.shape[1], B.shape[2]
+    Bt, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
     L = chunk_size
     xf, dtf = x.float(), dt.float()
-    Bh = B.float().repeat_interleave(H // G, dim=1)  # [T, H, N]
-    Ch = C.float().repeat_interleave(H // G, dim=1)
+    Bh = B.float().repeat_interleave(H // G, dim=2)  # [Bt, T, H, N]
+    Ch = C.float().repeat_interleave(H // G, dim=2)
     pad = (-T) % L
-    xdt = F.pad(xf * dtf[..., None], (0, 0, 0, 0, 0, pad)).view(-1, L, H, P)  # [c, L, H, P]
-    a = F.pad(A.float() * dtf, (0, 0, 0, pad)).view(-1, L, H).permute(0, 2, 1)  # [c, H, L]
-    Bc = F.pad(Bh, (0, 0, 0, 0, 0, pad)).view(-1, L, H, N)
-    Cc = F.pad(Ch, (0, 0, 0, 0, 0, pad)).view(-1, L, H, N)
-    a_cum = torch.cumsum(a, dim=-1)  # [c, H, L]
+    xdt = F.pad(xf * dtf[..., None], (0, 0, 0, 0, 0, pad)).view(Bt, -1, L, H, P)  # [Bt, c, L, H, P]
+    a = F.pad(A.float() * dtf, (0, 0, 0, pad)).view(Bt, -1, L, H).transpose(2, 3)  # [Bt, c, H, L]
+    Bc = F.pad(Bh, (0, 0, 0, 0, 0, pad)).view(Bt, -1, L, H, N)
+    Cc = F.pad(Ch, (0, 0, 0, 0, 0, pad)).view(Bt, -1, L, H, N)
+    a_cum = torch.cumsum(a, dim=-1)  # [Bt, c, H, L]
 
     # 1. within each chunk: a masked, decayed "attention" of C over B
-    decay = torch.exp(_segsum(a))  # [c, H, L(l), L(s)]
-    scores = torch.einsum("clhn,cshn->chls", Cc, Bc) * decay
-    y = torch.einsum("chls,cshp->clhp", scores, xdt)
+    decay = torch.exp(_segsum(a))  # [Bt, c, H, L(l), L(s)]
+    scores = torch.einsum("bclhn,bcshn->bchls", Cc, Bc) * decay
+    y = torch.einsum("bchls,bcshp->bclhp", scores, xdt)
 
     # 2. each chunk's own contribution to the state at its end
-    to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [c, H, L]
-    chunk_states = torch.einsum("clhn,chl,clhp->chpn", Bc, to_end, xdt)
+    to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [Bt, c, H, L]
+    chunk_states = torch.einsum("bclhn,bchl,bclhp->bchpn", Bc, to_end, xdt)
 
-    # 3. recurrence over chunks; state_in[c] is the state entering chunk c
-    state = x.new_zeros(H, P, N, dtype=torch.float32) if initial_state is None else initial_state.float()
-    chunk_decay = torch.exp(a_cum[..., -1])  # [c, H]
+    # 3. recurrence over chunks; state_in[:, c] is the state entering chunk c
+    state = x.new_zeros(Bt, H, P, N, dtype=torch.float32) if initial_state is None else initial_state.float()
+    chunk_decay = torch.exp(a_cum[..., -1])  # [Bt, c, H]
     state_in = []
-    for c in range(xdt.shape[0]):
+    for c in range(xdt.shape[1]):
         state_in.append(state)
-        state = state * chunk_decay[c][:, None, None] + chunk_states[c]
-    states = torch.stack(state_in)  # [c, H, P, N]
+        state = state * chunk_decay[:, c, :, None, None] + chunk_states[:, c]
+    states = torch.stack(state_in, dim=1)  # [Bt, c, H, P, N]
 
     # 4. the entering state, decayed to each position, read out through C
-    y = y + torch.einsum("clhn,chpn,chl->clhp", Cc, states, torch.exp(a_cum))
-    y = y.reshape(-1, H, P)[:T] + D.float()[:, None] * xf
+    y = y + torch.einsum("bclhn,bchpn,bchl->bclhp", Cc, states, torch.exp(a_cum))
+    y = y.reshape(Bt, -1, H, P)[:, :T] + D.float()[:, None] * xf
     return y.to(x.dtype), state
 
 

@@ -13,18 +13,19 @@ def moe_experts_ref(
     x: [T, Din]; up: [E, I, Din]; down: [E, Din, I]; topk_ids: [T, k] (int); topk_weights: [T, k]
     (fp32). Accumulates in fp32 and returns [T, Din] in x's dtype.
     """
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    T, k = topk_ids.shape
     flat_ids = topk_ids.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)
+    order = torch.argsort(flat_ids, stable=True)  # (token, choice) pairs grouped by expert
     counts = torch.bincount(flat_ids, minlength=up.shape[0]).tolist()
-    token_of = order // topk_ids.shape[1]
-    weight_of = topk_weights.reshape(-1)[order]
+    tokens = order // k
+    h = torch.empty(T * k, x.shape[1], dtype=torch.float32, device=x.device)
     start = 0
     for expert, n in enumerate(counts):
-        if n == 0:
-            continue
-        tokens = token_of[start:start + n]
-        h = torch.relu(x[tokens] @ up[expert].t()).square() @ down[expert].t()
-        out.index_add_(0, tokens, h.float() * weight_of[start:start + n, None])
-        start += n
-    return out.to(x.dtype)
+        if n:
+            rows = tokens[start:start + n]
+            h[start:start + n] = torch.relu(x[rows] @ up[expert].t()).square() @ down[expert].t()
+            start += n
+    h = h * topk_weights.reshape(-1)[order, None].float()
+    unsorted = torch.empty_like(h)
+    unsorted[order] = h  # back to (token, choice) order, then sum each token's choices
+    return unsorted.view(T, k, -1).sum(1).to(x.dtype)

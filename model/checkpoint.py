@@ -157,4 +157,4 @@ def load_model(
     names = {canonical_name(n) for n in weight_files(directory)}
     model = build_model(config, names, device, dtype)
     load_weights(model, directory)
-    return model.eval()
+    return model.eval().requires_grad_(False)  # an inference engine: no autograd bookkeeping

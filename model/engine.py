@@ -1,8 +1,8 @@
 """The async inference engine many agents share.
 
-`Engine.submit(request)` returns a handle at once; a background thread runs the model steps
-(schedule → forward → sample → postprocess) and hands tokens back to the caller's event loop,
-which never blocks on the model.
+`Engine.submit(request)` returns a handle at once; the compute thread (`model/compute.py`) runs
+the model steps (schedule → forward → sample → postprocess) and hands tokens back to the
+caller's event loop, which never blocks on the model.
 
 >>> async with Engine(load("tiny")) as engine:                           # doctest: +SKIP
 ...     handle = engine.submit(Request(prompt_ids=ids, sampling=SamplingParams(max_tokens=32)))
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import threading
 import time
 import traceback
 from collections import deque
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .compute import compute
 from .loading import LoadedModel
 from .pools import KVPool, StatePool
 from .radix import RadixCache
@@ -116,8 +116,8 @@ class Engine:
         kv_slots = c.kv_slots or max(1024, (memory - state_bytes) // max(1, KVPool.bytes_per_slot(cfg, attn, dtype)))
         if not attn:
             kv_slots = c.kv_slots or 1 << 22  # attention-free: slots are bookkeeping only
-        self.kv = KVPool(cfg, attn, int(kv_slots), device, dtype)
-        self.states = StatePool(cfg, mamba, state_slots, device, dtype) if mamba else None
+        self.kv = compute.call(KVPool, cfg, attn, int(kv_slots), device, dtype)
+        self.states = compute.call(StatePool, cfg, mamba, state_slots, device, dtype) if mamba else None
         self.cache = RadixCache(self.kv, self.states)
         self.scheduler = Scheduler(SchedulerConfig(c.token_budget, c.max_running), self.kv, self.states, self.cache)
         tok, fmt = lm.tokenizer, lm.chat_format
@@ -130,7 +130,8 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._seqs: dict[str, Sequence] = {}
         self._handles: dict[str, RequestHandle] = {}
-        self._thread: threading.Thread | None = None
+        self._running = False
+        self._stopped: Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._masker = ThreadPoolExecutor(1, thread_name_prefix="agentrt-masks")
         self._mask_job: Future | None = None
@@ -149,26 +150,28 @@ class Engine:
         await self.stop()
 
     def start(self) -> None:
-        if self._thread is not None:
+        """Start stepping on the compute thread; tokens go back to the running event loop."""
+        if self._running:
             return
         self._loop = asyncio.get_running_loop()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="agentrt-engine", daemon=True)
-        self._thread.start()
+        self._running = True
+        compute.add_loop(self)
 
     async def stop(self) -> None:
-        """Cancel what is left and join the step thread."""
-        if self._thread is None:
+        """Cancel what is left and stop stepping."""
+        if not self._running:
             return
-        self._stopping = True
+        self._stopped = Future()
         self._inbox.put(("stop", None))
-        await asyncio.to_thread(self._thread.join)
-        self._thread = None
+        compute.wake()
+        await asyncio.wrap_future(self._stopped)
+        compute.remove_loop(self)
+        self._running = False
 
     # -- API -----------------------------------------------------------------------------------
     def submit(self, request: Request) -> RequestHandle:
         """Queue a request; returns at once. Must be called from the engine's event loop."""
-        if self._thread is None:
+        if not self._running:
             raise RuntimeError("the engine is not running; use `async with engine:` or `engine.start()` first")
         bad = [t for t in request.prompt_ids if not 0 <= t < self.model.config.vocab_size]
         if bad:
@@ -177,10 +180,12 @@ class Engine:
         handle = RequestHandle(self, request)
         self._handles[request.id] = handle
         self._inbox.put(("submit", request))
+        compute.wake()
         return handle
 
     def cancel(self, request_id: str) -> None:
         self._inbox.put(("cancel", request_id))
+        compute.wake()
 
     @property
     def load(self) -> int:
@@ -211,24 +216,23 @@ class Engine:
             steps=self._steps,
         )
 
-    # -- the step thread -----------------------------------------------------------------------
-    def _run(self) -> None:
+    # -- on the compute thread ----------------------------------------------------------------
+    def ready(self) -> bool:
+        return not self._inbox.empty() or bool(self.scheduler.running) or bool(self.scheduler.waiting)
+
+    def poll(self) -> None:
+        """Take queued messages, then run one step."""
         while True:
-            idle = not self.scheduler.running and not self.scheduler.waiting
             try:
-                msg = self._inbox.get(block=idle)
+                msg = self._inbox.get_nowait()
             except queue.Empty:
-                msg = None
-            while msg is not None:
-                if msg[0] == "stop":
-                    self._shutdown()
-                    return
-                self._handle(msg)
-                try:
-                    msg = self._inbox.get_nowait()
-                except queue.Empty:
-                    msg = None
-            self.step()
+                break
+            if msg[0] == "stop":
+                self._shutdown()
+                self._stopped.set_result(None)
+                return
+            self._handle(msg)
+        self.step()
 
     def _handle(self, msg) -> None:
         kind, arg = msg

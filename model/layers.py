@@ -41,6 +41,7 @@ def relu2(x: torch.Tensor) -> torch.Tensor:
 
 
 ACTIVATIONS = {"relu2": relu2, "silu": F.silu}
+CPU_SCAN_CHUNK = 32  # the scan's result does not depend on the chunk length; short ones pad less on CPU
 
 
 class MLP(nn.Module):
@@ -156,7 +157,8 @@ class Mamba2Mixer(nn.Module):
         self.heads, self.head_dim = config.mamba_num_heads, config.mamba_head_dim
         self.groups, self.state_size = config.n_groups, config.ssm_state_size
         self.inner, self.conv_dim = config.mamba_intermediate, config.conv_dim
-        self.chunk_size, self.dt_min, self.eps = config.chunk_size, config.time_step_min, config.layer_norm_epsilon
+        self.chunk_size = config.chunk_size
+        self.dt_min, self.eps = config.time_step_min, config.layer_norm_epsilon
         self.in_proj = nn.Linear(config.hidden_size, self.inner + self.conv_dim + self.heads, bias=config.use_bias)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, config.conv_kernel, groups=self.conv_dim, bias=config.use_conv_bias
@@ -181,19 +183,31 @@ class Mamba2Mixer(nn.Module):
         starts = [sum(lens[:i]) for i in range(len(lens))]
         single = [i for i, n in enumerate(lens) if n == 1]
         if single:  # decode: one recurrent step for all one-token sequences at once
-            rows, tok = torch.tensor(single, device=x.device), torch.tensor([starts[i] for i in single], device=x.device)
-            c_rows, s_rows = conv[rows], ssm[rows]
+            every = len(single) == len(lens)
+            rows = None if every else torch.tensor(single, device=x.device)
+            tok = torch.tensor([starts[i] for i in single], device=x.device)
+            c_rows, s_rows = (conv, ssm) if every else (conv[rows], ssm[rows])
             h = causal_conv1d_update_ref(xBC[tok], c_rows, weight, bias)
             xs, B, C = self._split(h)
             y[tok] = selective_state_update_ref(s_rows, xs, dt[tok], A, B, C, self.D)
-            conv[rows], ssm[rows] = c_rows, s_rows
-        for i, n in enumerate(lens):  # prefill: chunked scan per sequence, from its cached state
-            if n <= 1:
-                continue
-            seg = slice(starts[i], starts[i] + n)
-            h, conv[i] = causal_conv1d_ref(xBC[seg], weight, bias, conv[i])
-            xs, B, C = self._split(h)
-            y[seg], ssm[i] = ssd_scan_ref(xs, dt[seg], A, B, C, self.D, self.chunk_size, ssm[i])
+            if not every:
+                conv[rows], ssm[rows] = c_rows, s_rows
+        by_length: dict[int, list[int]] = {}
+        for i, n in enumerate(lens):
+            if n > 1:
+                by_length.setdefault(n, []).append(i)
+        for n, group in by_length.items():  # prefill: equal-length sequences scan together
+            idx = torch.tensor(group, device=x.device)
+            pos = (torch.tensor([starts[i] for i in group], device=x.device)[:, None]
+                   + torch.arange(n, device=x.device)).reshape(-1)
+            h, conv[idx] = causal_conv1d_ref(xBC[pos].view(len(group), n, -1), weight, bias, conv[idx])
+            xs, B, C = self._split(h.reshape(len(group) * n, -1))
+            out, ssm[idx] = ssd_scan_ref(
+                xs.view(len(group), n, self.heads, self.head_dim), dt[pos].view(len(group), n, -1), A,
+                B.view(len(group), n, self.groups, -1), C.view(len(group), n, self.groups, -1),
+                self.D, self.chunk_size if x.is_cuda else min(self.chunk_size, CPU_SCAN_CHUNK), ssm[idx],
+            )
+            y[pos] = out.reshape(len(group) * n, self.heads, self.head_dim).float()
         view.set_mamba_states(self.layer, conv, ssm)
 
         y = gated_rmsnorm_ref(y.view(x.shape[0], -1), gate, self.norm.weight, self.inner // self.groups, self.eps)

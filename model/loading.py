@@ -9,6 +9,7 @@ import torch
 
 from .chat import ChatFormat
 from .checkpoint import load_model
+from .compute import compute
 from .config import ModelConfig
 from .errors import CheckpointError
 from .network import NemotronH
@@ -42,6 +43,10 @@ def load(name_or_path: str | Path = "tiny", *, device: str | torch.device | None
     >>> lm = load("tiny")                                        # doctest: +SKIP
     >>> ids = lm.chat_format.render([{"role": "user", "content": "hi"}])
     """
+    return compute.call(_load, name_or_path, device, dtype)  # see compute.py: one thread runs torch
+
+
+def _load(name_or_path: str | Path, device: str | torch.device | None, dtype: torch.dtype | None) -> LoadedModel:
     if str(name_or_path) == "tiny":
         path = ensure_tiny()
     else:

@@ -1,0 +1,4 @@
+"""Benchmarks behind `agentrt bench`: each module holds one workload, its contestants and its report.
+
+Importing this package stays light; torch and transformers load when a benchmark runs.
+"""

@@ -1,0 +1,99 @@
+"""The `agentrt` command line: one click group, a subgroup or command per job.
+
+Commands import what they need (torch, transformers, the engine) when they run, so `agentrt --help`
+stays instant. Every option can also come from the environment: `AGENTRT_<COMMAND>_<OPTION>`,
+e.g. `AGENTRT_BENCH_ENGINE_AGENTS=8 agentrt bench engine`.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import click
+
+from agentrt import __version__
+from agentrt.bench.engine import CONTESTANTS  # light: the module imports torch only when a benchmark runs
+
+CONTEXT = {"auto_envvar_prefix": "AGENTRT", "show_default": True, "help_option_names": ["-h", "--help"]}
+
+
+@click.group(name="agentrt", context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="agentrt")
+def cli() -> None:
+    """agentrt: many agents, one in-process NemotronH engine.
+
+    Options can be set in the environment as AGENTRT_<COMMAND>_<OPTION>
+    (for example AGENTRT_BENCH_ENGINE_AGENTS=8).
+    """
+
+
+@cli.group()
+def bench() -> None:
+    """Measure the engine against its peers."""
+
+
+def _contestants(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONTESTANTS]
+    if unknown or not names:
+        what = f"unknown contestant {', '.join(map(repr, unknown))}" if unknown else "no contestant given"
+        raise click.BadParameter(f"{what}; choose one or more of {','.join(CONTESTANTS)}, comma-separated")
+    return [n for n in CONTESTANTS if n in names]
+
+
+def _count(default: int, help: str, low: int = 1):
+    return dict(type=click.IntRange(min=low), default=default, help=help)
+
+
+@bench.command("engine")
+@click.option("--agents", **_count(32, "agents running concurrently"))
+@click.option("--turns", **_count(4, "turns per agent"))
+@click.option("--system-tokens", **_count(1024, "tokens in the system prompt all agents share", low=0))
+@click.option("--user-tokens", **_count(64, "tokens in each turn's user message"))
+@click.option("--gen-tokens", **_count(32, "tokens generated per turn (greedy, end-of-turn ignored)"))
+@click.option("--seed", type=int, default=0, help="seed of the workload's token ids")
+@click.option("--only", default=",".join(CONTESTANTS), callback=_contestants,
+              help="contestants to run, comma-separated")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="write the results, every generated token included, to this JSON file")
+@click.option("--markdown", is_flag=True, help="also print a table for docs/BENCHMARKS.md, with this command line")
+@click.option("--hf-dt-clamp/--no-hf-dt-clamp", default=True,
+              help="add to transformers' one-token Mamba step the dt >= time_step_min clamp its prefill applies; "
+                   "without it transformers' cached greedy tokens drift from its own full forward")
+def bench_engine(agents: int, turns: int, system_tokens: int, user_tokens: int, gen_tokens: int, seed: int,
+                 only: list[str], json_path: Path | None, markdown: bool, hf_dt_clamp: bool) -> None:
+    """Agents sharing a system prompt, several turns each: agentrt against transformers.
+
+    Each agent's next prompt is its previous prompt, the tokens generated for it and a new user
+    message. Contestants: agentrt (our batching engine with its prefix cache), hf-per-agent (one
+    transformers generate per agent and turn) and hf-batched (one generate per turn over all
+    agents). The tokens of all of them must be equal; the run fails (exit 1) if they are not.
+    Targets (reported, never fatal): 20x hf-per-agent and 5x hf-batched in tokens/s, 90% prefix hits.
+    """
+    from agentrt.bench.engine import Workload, engine_import_error, format_markdown, format_text, run_benchmark
+
+    if "agentrt" in only and (why := engine_import_error()):
+        raise click.ClickException(
+            f"the agentrt contestant needs agentrt.model.engine, which does not import ({why}); "
+            "run the peers alone with --only hf-per-agent,hf-batched")
+    workload = Workload(agents=agents, turns=turns, system_tokens=system_tokens, user_tokens=user_tokens,
+                        gen_tokens=gen_tokens, seed=seed)
+    report = run_benchmark(workload, only, hf_dt_clamp=hf_dt_clamp, log=lambda line: click.echo(line, err=True))
+    click.echo(format_text(report))
+    if markdown:
+        command = ["agentrt", "bench", "engine", "--agents", agents, "--turns", turns, "--system-tokens",
+                   system_tokens, "--user-tokens", user_tokens, "--gen-tokens", gen_tokens, "--seed", seed,
+                   "--only", ",".join(only), *(["--json", json_path] if json_path else []),
+                   *([] if hf_dt_clamp else ["--no-hf-dt-clamp"]), "--markdown"]
+        click.echo("\n" + format_markdown(report, shlex.join(map(str, command))))
+    if json_path:
+        json_path.write_text(json.dumps(report.to_json()) + "\n")
+    if not report.ok:
+        raise click.ClickException("a correctness check failed (see checks above): the numbers compare "
+                                   "different outputs; fix that before trusting them")
+
+
+def main() -> None:
+    cli(prog_name="agentrt")

@@ -62,12 +62,14 @@ class Constraint:
     """Constrained decoding: a JSON schema for the whole output, or tool schemas for a tool-call turn.
 
     `tools` are OpenAI-style tool schemas; the output is free text (or reasoning) followed by tool
-    calls whose arguments follow their tool's schema. `require_call` forbids answering without a call.
+    calls whose arguments follow their tool's schema. `require_call` forbids answering without a call
+    (OpenAI's tool_choice "required"); `parallel_calls=False` allows one call at most.
     """
 
     json_schema: dict | None = None
     tools: list[dict] | None = None
     require_call: bool = False
+    parallel_calls: bool = True
 
     def __post_init__(self) -> None:
         if (self.json_schema is None) == (self.tools is None):

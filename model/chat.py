@@ -157,10 +157,7 @@ class JsonChatFormat(ChatFormat):
     call_shape = JSON_CALL_SHAPE
 
     def _parse_call(self, body: str, call_id: str, schemas: dict[str, dict]) -> ToolCall:
-        try:
-            call = json.loads(body)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise _CallError(f"not valid JSON ({e}); expected {JSON_CALL_SHAPE}") from None
+        call = _loads(body, "not valid JSON", f"expected {JSON_CALL_SHAPE}")
         if not isinstance(call, dict):
             raise _CallError(f"a JSON {_json_type(call)} is not a call; expected {JSON_CALL_SHAPE}")
         name = call.get("name")
@@ -169,10 +166,7 @@ class JsonChatFormat(ChatFormat):
             raise _CallError(f"{got}; expected a function name string: {JSON_CALL_SHAPE}")
         args = call.get("arguments", {})
         if isinstance(args, str):  # OpenAI style: arguments as a JSON string
-            try:
-                args = json.loads(args)
-            except (json.JSONDecodeError, RecursionError) as e:
-                raise _CallError(f"arguments string is not valid JSON ({e}); expected a JSON object") from None
+            args = _loads(args, "arguments string is not valid JSON", "expected a JSON object")
         if not isinstance(args, dict):
             raise _CallError(f"arguments is a JSON {_json_type(args)}; expected a JSON object: {JSON_CALL_SHAPE}")
         given_id = call.get("id")
@@ -219,6 +213,14 @@ class NemotronChatFormat(ChatFormat):
             args[arg] = _decode_value(_strip_newline(body[p.end():end]), properties.get(arg))
             pos = end + len("</parameter>")
         return ToolCall(call_id, name, args)
+
+
+def _loads(text: str, what: str, expected: str) -> Any:
+    """json.loads, or a `_CallError` saying what was wrong, the decoder's complaint, and what is expected."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise _CallError(f"{what} ({e}); {expected}") from None
 
 
 def _strip_newline(value: str) -> str:

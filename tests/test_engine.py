@@ -247,3 +247,31 @@ def test_waiting_order_priority_then_cached_prefix(lm):
     engine.scheduler.release(cached)
     engine.scheduler.waiting = type(engine.scheduler.waiting)([cold, cached, urgent])
     assert [s for s, _ in engine.scheduler.schedule()] == [urgent]
+
+
+def test_a_failing_step_fails_only_its_batch(lm, monkeypatch):
+    import agentrt.model.engine as engine_module
+
+    real, calls = engine_module.run_batch, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated kernel fault")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "run_batch", flaky)
+    engine = Engine(lm)
+
+    async def main():
+        async with engine:
+            first = await engine.submit(Request(ids(20, 30), greedy(4))).result()
+            second = await engine.submit(Request(ids(20, 31), greedy(4))).result()
+            return first, second
+
+    first, second = asyncio.run(main())
+    assert first.finish_reason == "error" and "simulated kernel fault" in first.error
+    assert second.finish_reason == "length" and len(second.token_ids) == 4
+    assert engine.cache.root.lock == 1
+    engine.cache.clear()
+    assert engine.kv.num_free == engine.kv.capacity and engine.states.num_free == engine.states.capacity

@@ -107,7 +107,7 @@ class Scheduler:
             seq.waits_for = None
         usable = self.cache.match(seq.tokens, len(seq.tokens) - 1).usable
         for other in self.running:
-            if other.computed >= other.num_prompt:
+            if other.computed >= other.num_prompt or not _shares(seq, other, usable + MIN_SHARED):
                 continue
             shared = min(common_prefix(seq.tokens, other.tokens), len(seq.tokens) - 1, other.num_prompt - 1)
             if shared >= usable + MIN_SHARED and other.computed < shared:
@@ -150,7 +150,7 @@ class Scheduler:
         if self.states is not None and match.length > match.usable:  # diverges from the cache there
             self._add_split(seq, min(match.length, len(seq.tokens) - 1))
         for other in itertools.islice(self.waiting, SORTED_QUEUE_MAX):  # and from other waiting prompts
-            if other is not seq:
+            if other is not seq and _shares(seq, other, match.usable + MIN_SHARED):
                 shared = min(common_prefix(seq.tokens, other.tokens), len(seq.tokens) - 1)
                 if shared >= match.usable + MIN_SHARED:
                     self._add_split(seq, shared)
@@ -232,3 +232,8 @@ class Scheduler:
             self.waiting.remove(seq)
         else:
             self.release(seq)
+
+
+def _shares(a: Sequence, b: Sequence, n: int) -> bool:
+    """Whether two prompts share at least n tokens (one slice comparison, before any search)."""
+    return len(a.tokens) >= n and a.tokens[:n] == b.tokens[:n]

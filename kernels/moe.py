@@ -14,17 +14,28 @@ def moe_experts_ref(
     (fp32). Accumulates in fp32 and returns [T, Din] in x's dtype.
     """
     T, k = topk_ids.shape
+    E, d_in = up.shape[0], x.shape[1]
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)  # (token, choice) pairs grouped by expert
-    counts = torch.bincount(flat_ids, minlength=up.shape[0]).tolist()
+    sorted_ids = flat_ids[order]
+    counts = torch.bincount(flat_ids, minlength=E)
+    width = int(counts.max())
     tokens = order // k
-    h = torch.empty(T * k, x.shape[1], dtype=torch.float32, device=x.device)
-    start = 0
-    for expert, n in enumerate(counts):
-        if n:
-            rows = tokens[start:start + n]
-            h[start:start + n] = torch.relu(x[rows] @ up[expert].t()).square() @ down[expert].t()
-            start += n
+    if E * width <= 2 * T * k:  # balanced enough: pad every expert's group to `width`, two batched matmuls
+        rank = torch.arange(T * k, device=x.device) - (torch.cumsum(counts, 0) - counts)[sorted_ids]
+        slot = sorted_ids * width + rank
+        grouped = x.new_zeros(E * width, d_in)
+        grouped[slot] = x[tokens]
+        h = torch.relu(torch.bmm(grouped.view(E, width, d_in), up.transpose(1, 2))).square()
+        h = torch.bmm(h, down.transpose(1, 2)).view(E * width, d_in)[slot].float()
+    else:  # a few experts take most tokens: one matmul pair per expert, no padding
+        h = torch.empty(T * k, d_in, dtype=torch.float32, device=x.device)
+        start = 0
+        for expert, n in enumerate(counts.tolist()):
+            if n:
+                rows = tokens[start:start + n]
+                h[start:start + n] = torch.relu(x[rows] @ up[expert].t()).square() @ down[expert].t()
+                start += n
     h = h * topk_weights.reshape(-1)[order, None].float()
     unsorted = torch.empty_like(h)
     unsorted[order] = h  # back to (token, choice) order, then sum each token's choices

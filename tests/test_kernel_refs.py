@@ -74,10 +74,13 @@ def test_attention_matches_sdpa_with_a_cached_prefix():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_moe_experts_match_a_per_token_loop():
+@pytest.mark.parametrize("skewed", [False, True])  # padded grouped matmuls, or the per-expert loop
+def test_moe_experts_match_a_per_token_loop(skewed):
     T, E, k, I, Din = 13, 6, 2, 8, 12
     x, up, down = rand(T, Din, seed=7), rand(E, I, Din, seed=8), rand(E, Din, I, seed=9)
     ids = torch.stack([torch.randperm(E, generator=torch.Generator().manual_seed(t))[:k] for t in range(T)])
+    if skewed:  # every token picks experts 4 and 1
+        ids = torch.tensor([[4, 1]] * T)
     w = rand(T, k, seed=10).abs()
     expected = torch.stack([
         sum(w[t, j] * (torch.relu(up[ids[t, j]] @ x[t]).square() @ down[ids[t, j]].t()) for j in range(k))

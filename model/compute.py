@@ -13,6 +13,7 @@ thread keeps a single team, and the event loop's thread stays free.
 from __future__ import annotations
 
 import threading
+import traceback
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -89,7 +90,10 @@ class ComputeThread:
                     except BaseException as e:  # handed to the caller
                         future.set_exception(e)
             for loop in loops:
-                loop.poll()
+                try:
+                    loop.poll()
+                except Exception:  # a loop's own bug must not stop the thread every engine shares
+                    traceback.print_exc()
 
 
 compute = ComputeThread()

@@ -133,7 +133,7 @@ class Engine:
         self._running = False
         self._stopped: Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._masker = ThreadPoolExecutor(1, thread_name_prefix="agentrt-masks")
+        self._masker: ThreadPoolExecutor | None = None  # fills grammar masks during the forward pass
         self._mask_job: Future | None = None
         self._stopping = False
         # statistics
@@ -154,6 +154,7 @@ class Engine:
         if self._running:
             return
         self._loop = asyncio.get_running_loop()
+        self._masker = ThreadPoolExecutor(1, thread_name_prefix="agentrt-masks")
         self._running = True
         compute.add_loop(self)
 
@@ -166,6 +167,7 @@ class Engine:
         compute.wake()
         await asyncio.wrap_future(self._stopped)
         compute.remove_loop(self)
+        self._masker.shutdown(wait=False)
         self._running = False
 
     # -- API -----------------------------------------------------------------------------------
@@ -232,7 +234,18 @@ class Engine:
                 self._stopped.set_result(None)
                 return
             self._handle(msg)
-        self.step()
+        try:
+            self.step()
+        except Exception:  # a bug outside the forward pass: fail what is in flight, keep serving
+            self._fail_all(traceback.format_exc(limit=6))
+
+    def _fail_all(self, error: str) -> None:
+        events = []
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.cancel(seq)
+            seq.finish_reason, seq.error = "error", error
+            events.append(self._finish_event(seq))
+        self._emit(events)
 
     def _handle(self, msg) -> None:
         kind, arg = msg
@@ -433,7 +446,6 @@ class Engine:
             seq.finish_reason = "cancelled"
             events.append(self._finish_event(seq))
         self._emit(events)
-        self._masker.shutdown(wait=False)
 
 
 def _default_memory(device: torch.device) -> int:

@@ -275,3 +275,26 @@ def test_a_failing_step_fails_only_its_batch(lm, monkeypatch):
     assert engine.cache.root.lock == 1
     engine.cache.clear()
     assert engine.kv.num_free == engine.kv.capacity and engine.states.num_free == engine.states.capacity
+
+
+def test_a_bug_outside_the_forward_fails_requests_not_the_engine(lm, monkeypatch):
+    engine = Engine(lm)
+    real, calls = engine._sample_and_postprocess, []
+
+    def broken(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("simulated bookkeeping bug")
+        return real(*args)
+
+    monkeypatch.setattr(engine, "_sample_and_postprocess", broken)
+
+    async def main():
+        async with engine:
+            first = await engine.submit(Request(ids(12, 40), greedy(3))).result()
+            second = await engine.submit(Request(ids(12, 41), greedy(3))).result()
+            return first, second
+
+    first, second = asyncio.run(main())
+    assert first.finish_reason == "error" and "simulated bookkeeping bug" in first.error
+    assert second.finish_reason == "length" and len(second.token_ids) == 3

@@ -90,6 +90,21 @@ def test_json_schema_output_and_untouched_neighbours(lm):
         jsonschema.validate(json.loads(lm.tokenizer.decode(r.token_ids, skip_special_tokens=True)), schema)
 
 
+def test_an_engine_restarts_with_constraints(lm):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    prompt = lm.chat_format.render([{"role": "user", "content": "ok?"}], enable_thinking=False)
+    engine = Engine(lm)
+
+    async def once():
+        async with engine:
+            return await engine.submit(Request(prompt, SamplingParams(temperature=0, max_tokens=20),
+                                               constraint=Constraint(json_schema=schema))).result()
+
+    first, second = asyncio.run(once()), asyncio.run(once())
+    assert first.finish_reason == second.finish_reason == "stop" and first.token_ids == second.token_ids
+
+
 def test_an_uncompilable_constraint_fails_only_its_request(lm):
     bad = [tool("broken", {"x": {"type": "integer"}}, ["x", "y"])]
     prompt = lm.chat_format.render([{"role": "user", "content": "hi"}])

@@ -237,11 +237,12 @@ class Engine:
         try:
             self.step()
         except Exception:  # a bug outside the forward pass: fail what is in flight, keep serving
-            self._fail_all(traceback.format_exc(limit=6))
+            self._fail(list(self.scheduler.running) + list(self.scheduler.waiting), traceback.format_exc(limit=6))
 
-    def _fail_all(self, error: str) -> None:
+    def _fail(self, seqs: list[Sequence], error: str) -> None:
+        """Finish `seqs` with finish reason "error", freeing what they hold."""
         events = []
-        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+        for seq in seqs:
             self.scheduler.cancel(seq)
             seq.finish_reason, seq.error = "error", error
             events.append(self._finish_event(seq))
@@ -301,14 +302,8 @@ class Engine:
             return
         try:
             logits = run_batch(self.model, self.kv, self.states, batch)
-        except Exception:
-            error = traceback.format_exc(limit=4)
-            events = []
-            for seq, _ in batch:
-                self.scheduler.release(seq)
-                seq.finish_reason, seq.error = "error", error
-                events.append(self._finish_event(seq))
-            self._emit(events)
+        except Exception:  # only this batch's requests fail; the engine goes on
+            self._fail([seq for seq, _ in batch], traceback.format_exc(limit=4))
             return
         sampling = [seq for seq, n in batch if seq.computed + n == len(seq.tokens)]
         for seq, n in batch:

@@ -92,19 +92,22 @@ class NemotronH(nn.Module):
         (one `SequenceState` per sequence) to continue from and update their caches, or a ready
         `view` (the engine's pools); with neither, every sequence starts fresh and nothing is kept.
         """
-        seq_lens = [int(input_ids.shape[0])] if seq_lens is None else list(seq_lens)
-        if sum(seq_lens) != input_ids.shape[0]:
-            raise ValueError(f"seq_lens {seq_lens} sum to {sum(seq_lens)}, but {input_ids.shape[0]} tokens were given")
         commit = view is None
-        if view is None:
-            states = states if states is not None else [self.new_state() for _ in seq_lens]
-            view = SequenceBatchView(states, seq_lens, self.attn_scale)
+        view = view if view is not None else self._view(input_ids, states, seq_lens)
         h = self.backbone.embeddings(input_ids)
         for block in self.backbone.layers:
             h = block(h, view)
         if commit:
             view.commit()
         return self.backbone.norm_f(h)
+
+    def _view(self, ids: torch.Tensor, states: list[SequenceState] | None, seq_lens: list[int] | None) -> StateView:
+        """A view over per-sequence states (fresh ones when none are given)."""
+        seq_lens = [int(ids.shape[0])] if seq_lens is None else list(seq_lens)
+        if sum(seq_lens) != ids.shape[0]:
+            raise ValueError(f"seq_lens {seq_lens} sum to {sum(seq_lens)}, but {ids.shape[0]} tokens were given")
+        states = states if states is not None else [self.new_state() for _ in seq_lens]
+        return SequenceBatchView(states, seq_lens, self.attn_scale)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> fp32 logits [T, vocab]."""
@@ -128,10 +131,8 @@ class NemotronH(nn.Module):
             raise ValueError("this checkpoint has no MTP layers (num_nextn_predict_layers == 0)")
         if not 0 <= step < self.mtp.steps:
             raise ValueError(f"MTP step {step} out of range; the checkpoint has {self.mtp.steps}")
-        seq_lens = [int(next_ids.shape[0])] if seq_lens is None else list(seq_lens)
-        if view is None:  # MTP layers keep their own KV rows; the backbone's length is not advanced
-            states = states if states is not None else [self.new_state() for _ in seq_lens]
-            view = SequenceBatchView(states, seq_lens, self.attn_scale)
+        if view is None:  # MTP layers keep their own KV rows in the same states
+            view = self._view(next_ids, states, seq_lens)
         per_step = len(self.mtp.layers) // self.mtp.steps
         h = hidden
         for layer in self.mtp.layers[step * per_step : (step + 1) * per_step]:

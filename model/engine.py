@@ -179,6 +179,14 @@ class Engine:
         if bad:
             raise ValueError(f"request {request.id}: token ids {bad[:5]} are outside the vocabulary "
                              f"[0, {self.model.config.vocab_size})")
+        need = len(request.prompt_ids) + request.sampling.max_tokens
+        if need > self.kv.capacity:
+            raise ValueError(
+                f"request {request.id}: {len(request.prompt_ids)} prompt tokens + max_tokens="
+                f"{request.sampling.max_tokens} need {need} KV slots, but the pool has {self.kv.capacity}; "
+                "shorten the prompt, lower max_tokens, or give the engine more memory "
+                "(EngineConfig(memory_bytes=...) or kv_slots=...)"
+            )
         handle = RequestHandle(self, request)
         self._handles[request.id] = handle
         self._inbox.put(("submit", request))

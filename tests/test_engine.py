@@ -228,6 +228,12 @@ def test_bad_requests_are_refused_clearly(lm):
         async with engine:
             with pytest.raises(ValueError, match="outside the vocabulary"):
                 engine.submit(Request([5, 99999]))
+        small = Engine(lm, EngineConfig(kv_slots=1024))
+        async with small:
+            with pytest.raises(ValueError, match=r"need 1100 KV slots, but the pool has 1024"):
+                small.submit(Request(ids(1000, 1), greedy(100)))
+            fits = await small.submit(Request(ids(1000, 1), greedy(24))).result()
+            assert fits.finish_reason == "length"
 
     asyncio.run(main())
     with pytest.raises(ValueError, match="prompt_ids is empty"):

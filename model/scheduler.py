@@ -46,17 +46,18 @@ class Scheduler:
         batch: list[tuple[Sequence, int]] = []
         # decodes first: one token each, never starved by prefill
         for seq in sorted(self.running, key=lambda s: s.remaining != 1):
-            if seq not in self.running:  # preempted below to make room
-                continue
-            n = min(seq.remaining, seq.next_stop() - seq.computed, budget)
-            if n <= 0:
-                continue
-            if not self._reserve(seq, n, batch):
-                continue
-            batch.append((seq, n))
-            budget -= n
+            if seq in self.running:  # not preempted below to make room
+                budget -= self._take(seq, budget, batch)
         self._admit(batch, budget)
         return batch
+
+    def _take(self, seq: Sequence, budget: int, batch: list[tuple[Sequence, int]]) -> int:
+        """Add seq's next chunk (up to its next stop, within budget) to the batch; return its size."""
+        n = min(seq.remaining, seq.next_stop() - seq.computed, budget)
+        if n <= 0 or not self._reserve(seq, n, batch):
+            return 0
+        batch.append((seq, n))
+        return n
 
     def _reserve(self, seq: Sequence, n: int, batch: list[tuple[Sequence, int]]) -> bool:
         """Give `seq` KV slots for n more tokens, evicting cache entries, then preempting, if needed."""
@@ -79,6 +80,7 @@ class Scheduler:
         if not self.waiting:
             return
         queue = list(self.waiting)
+        usable: dict[int, int] = {}
         if len(queue) <= SORTED_QUEUE_MAX:  # priority, then longest cached prefix, then FCFS
             usable = {id(s): self.cache.match(s.tokens, len(s.tokens) - 1).usable for s in queue}
             queue.sort(key=lambda s: (-s.request.priority, -usable[id(s)]))
@@ -87,25 +89,22 @@ class Scheduler:
         for seq in queue:
             if budget <= 0 or len(self.running) >= self.config.max_running:
                 break
-            if self._deferred(seq):
+            if self._deferred(seq, usable.get(id(seq))):
                 continue
             if not self._start(seq):
                 break  # no memory: keep the rest waiting
             self.waiting.remove(seq)
-            n = min(seq.remaining, seq.next_stop() - seq.computed, budget)
-            if not self._reserve(seq, n, batch):
-                continue
-            batch.append((seq, n))
-            budget -= n
+            budget -= self._take(seq, budget, batch)
 
-    def _deferred(self, seq: Sequence) -> bool:
+    def _deferred(self, seq: Sequence, usable: int | None) -> bool:
         """Wait while another in-flight sequence is about to cache a longer prefix of this prompt."""
         if seq.waits_for is not None:
             other, at = seq.waits_for
             if other in self.running and other.computed < at:
                 return True
             seq.waits_for = None
-        usable = self.cache.match(seq.tokens, len(seq.tokens) - 1).usable
+        if usable is None:
+            usable = self.cache.match(seq.tokens, len(seq.tokens) - 1).usable
         for other in self.running:
             if other.computed >= other.num_prompt or not _shares(seq, other, usable + MIN_SHARED):
                 continue

@@ -20,3 +20,42 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     probs = scores.float().masked_fill(~visible, -torch.inf).softmax(-1).to(q.dtype)
     out = torch.einsum("hgts,shd->thgd", probs, v)
     return out.reshape(T, Hq, Dh)
+
+
+def attention_lse_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention that also returns the log-sum-exp of each query's scores, so partial results over
+    disjoint key sets can be merged (`merge_attention`).
+
+    q: [N, H, L, D]; k, v: [N, H, S, D]; mask: additive, broadcastable to [N, H, L, S] (0 or -inf),
+    in q's dtype, every query seeing at least one key. Returns out [N, H, L, D] in q's dtype and
+    lse [N, H, L] in fp32 (natural log of the sum of exp(scale * q.k + mask)).
+    """
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask.float()
+    lse = scores.logsumexp(-1)
+    out = torch.matmul((scores - lse[..., None]).exp(), v.float())
+    return out.to(q.dtype), lse
+
+
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_lse_ref`, fast: on CPU torch's fused flash-attention kernel, which returns the
+    log-sum-exp alongside the output; elsewhere the reference (GPU kernels replace it there)."""
+    if q.device.type == "cpu" and _flash_cpu is not None:
+        out, lse = _flash_cpu(q, k, v, attn_mask=mask, scale=scale)[:2]
+        return out, lse
+    return attention_lse_ref(q, k, v, mask, scale)
+
+
+def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
+    """Attention over keys A ∪ B from attention over A (o1, lse1) and over B (o2, lse2).
+
+    o: [..., D]; lse: [...]. The weight of A is exp(lse1) / (exp(lse1) + exp(lse2)) = sigmoid(lse1 - lse2).
+    """
+    w = torch.sigmoid(lse1 - lse2).unsqueeze(-1).to(o1.dtype)
+    return torch.lerp(o2, o1, w)

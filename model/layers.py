@@ -15,10 +15,10 @@ from agentrt.kernels.mamba import (
     causal_conv1d_ref,
     causal_conv1d_update_ref,
     gated_rmsnorm_ref,
-    selective_state_update_ref,
-    ssd_scan_ref,
+    selective_state_update,
+    ssd_scan,
 )
-from agentrt.kernels.moe import moe_experts_ref
+from agentrt.kernels.moe import moe_experts
 
 from .config import ModelConfig
 from .state import StateView
@@ -96,7 +96,7 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, d_in, inter))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return moe_experts_ref(x, self.up_proj, self.down_proj, ids, weights)
+        return moe_experts(x, self.up_proj, self.down_proj, ids, weights)
 
 
 class MoE(nn.Module):
@@ -189,7 +189,7 @@ class Mamba2Mixer(nn.Module):
             c_rows, s_rows = (conv, ssm) if every else (conv[rows], ssm[rows])
             h = causal_conv1d_update_ref(xBC[tok], c_rows, weight, bias)
             xs, B, C = self._split(h)
-            y[tok] = selective_state_update_ref(s_rows, xs, dt[tok], A, B, C, self.D)
+            y[tok] = selective_state_update(s_rows, xs, dt[tok], A, B, C, self.D)
             if not every:
                 conv[rows], ssm[rows] = c_rows, s_rows
         by_length: dict[int, list[int]] = {}
@@ -202,7 +202,7 @@ class Mamba2Mixer(nn.Module):
                    + torch.arange(n, device=x.device)).reshape(-1)
             h, conv[idx] = causal_conv1d_ref(xBC[pos].view(len(group), n, -1), weight, bias, conv[idx])
             xs, B, C = self._split(h.reshape(len(group) * n, -1))
-            out, ssm[idx] = ssd_scan_ref(
+            out, ssm[idx] = ssd_scan(
                 xs.view(len(group), n, self.heads, self.head_dim), dt[pos].view(len(group), n, -1), A,
                 B.view(len(group), n, self.groups, -1), C.view(len(group), n, self.groups, -1),
                 self.D, self.chunk_size if x.is_cuda else min(self.chunk_size, CPU_SCAN_CHUNK), ssm[idx],

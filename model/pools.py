@@ -42,6 +42,7 @@ class SlotAllocator:
             return []
         out = self.free[-n:]
         del self.free[-n:]
+        out.reverse()  # ascending: a fresh pool hands out contiguous runs, read as slices
         return out
 
     def release(self, slots: list[int]) -> None:
@@ -55,6 +56,7 @@ class KVPool(SlotAllocator):
         self.k = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layers}
         self.v = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layers}
         self.scratch = num_slots
+        self.dtype = dtype
 
     @staticmethod
     def bytes_per_slot(config: ModelConfig, layers: list[int], dtype: torch.dtype) -> int:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
-from agentrt.kernels.attention import attention_ref
+from agentrt.kernels.attention import attention_lse, merge_attention
 
 from .network import NemotronH
 from .pools import KVPool, StatePool
@@ -14,66 +15,103 @@ SHARED_MIN = 64  # a shared prefix shorter than this is gathered per sequence li
 
 
 class PagedView:
-    """The `StateView` of one step: K/V go to and come from pool slots, Mamba states from state slots."""
+    """The `StateView` of one step: K/V go to and come from pool slots, Mamba states from state slots.
+
+    Attention is a cascade. The slots at the start of every sequence's table that all sequences of
+    the step share (a common system prompt) are attended once, by every query of the step together;
+    each sequence's own slots are gathered and attended separately (one-token sequences as one
+    padded batch); the two partial results are merged by their log-sum-exp. The plan (which slots,
+    which masks) is built once per step and used by every attention layer.
+    """
 
     def __init__(self, kv: KVPool, states: StatePool | None, batch: list[tuple[Sequence, int]],
-                 scale: float, device: torch.device):
-        self.kv, self.states, self.scale = kv, states, scale
+                 scale: float, device: torch.device, groups: int = 1):
+        self.kv, self.states, self.scale, self.groups = kv, states, scale, groups
         self.seq_lens = [n for _, n in batch]
-        self.tables = [s.slot_table(s.computed + n, device) for s, n in batch]
-        self.new_slots = torch.cat([t[s.computed:] for t, (s, _) in zip(self.tables, batch)])
+        tables = [s.slot_table(s.computed + n, device) for s, n in batch]
+        self.new_slots = torch.cat([t[s.computed:] for t, (s, _) in zip(tables, batch)])
         starts = [sum(self.seq_lens[:i]) for i in range(len(batch))]
         self.segments = [(starts[i], n) for i, n in enumerate(self.seq_lens)]
         if states is not None:
             self.state_idx = torch.tensor([s.state_slot for s, _ in batch], device=device)
-        # One-token sequences attend as one padded batch; longer ones one at a time.
+        self._plan(batch, tables, starts, device)
+
+    def _plan(self, batch: list[tuple[Sequence, int]], tables: list[torch.Tensor], starts: list[int],
+              device: torch.device) -> None:
+        # the shared prefix: common to every table and already computed by every sequence
+        longest = min(s.computed for s, _ in batch)
+        shared = 0
+        if len(batch) > 1 and longest >= SHARED_MIN:
+            heads = torch.stack([t[:longest] for t in tables])
+            shared = int((heads == heads[:1]).all(0).int().cumprod(0).sum())
+        self.shared: slice | torch.Tensor | None = None
+        if shared >= SHARED_MIN:
+            slots = tables[0][:shared]
+            first = int(slots[0])
+            contiguous = bool((slots == torch.arange(first, first + shared, device=device)).all())
+            self.shared = slice(first, first + shared) if contiguous else slots
+        else:
+            shared = 0
+        dtype = self.kv.dtype
         self.decode = [i for i, n in enumerate(self.seq_lens) if n == 1]
+        self.all_decode = len(self.decode) == len(batch)
         if self.decode:
-            lengths = torch.tensor([len(self.tables[i]) for i in self.decode], device=device)
-            width = int(lengths.max())
-            table = torch.full((len(self.decode), width), kv.scratch, device=device)
-            for row, i in enumerate(self.decode):
-                table[row, : len(self.tables[i])] = self.tables[i]
+            own = [tables[i][shared:] for i in self.decode]
+            lengths = torch.tensor([len(t) for t in own], device=device)
+            table = pad_sequence(own, batch_first=True, padding_value=self.kv.scratch)
+            self.decode_slots, self.decode_width = table.view(-1), table.shape[1]
+            hidden = torch.arange(table.shape[1], device=device)[None, :] >= lengths[:, None]
+            self.decode_mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(
+                hidden, -torch.inf)[:, None, None, :]
             self.decode_tok = torch.tensor([starts[i] for i in self.decode], device=device)
-            # Cascade: the slots every decoding sequence shares (a common system prompt) are read
-            # once for all of them; only the rest is gathered per sequence.
-            same = (table == table[:1]).all(0)[: int(lengths.min())]
-            shared = int(same.int().cumprod(0).sum()) if len(self.decode) > 1 else 0
-            self.shared = table[0, :shared] if shared >= SHARED_MIN else None
-            cut = shared if self.shared is not None else 0
-            self.decode_table = table[:, cut:]
-            self.decode_pad = torch.arange(cut, width, device=device)[None, :] >= lengths[:, None]
+        self.prefill = []  # (start, n, own slots, causal mask over them)
+        for i, (s, n) in enumerate(batch):
+            if n > 1:
+                own = tables[i][shared:]
+                first_query = s.computed - shared  # own position of the first new token
+                hidden = (torch.arange(len(own), device=device)[None, :]
+                          > torch.arange(first_query, first_query + n, device=device)[:, None])
+                mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, -torch.inf)
+                self.prefill.append((starts[i], n, own, mask.repeat_interleave(self.groups, 0)[None, None]))
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         K, V = self.kv.k[layer], self.kv.v[layer]
-        K[self.new_slots] = k
-        V[self.new_slots] = v
-        out = torch.empty_like(q)
-        if self.decode:
-            out[self.decode_tok] = self._decode_attention(q[self.decode_tok], K, V)
-        for i, (start, n) in enumerate(self.segments):
-            if n > 1:
-                table = self.tables[i]
-                out[start:start + n] = attention_ref(q[start:start + n], K[table], V[table], self.scale)
-        return out
-
-    def _decode_attention(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        # q: [B, Hq, D] -> [B, Hq, D]; keys: the shared prefix (if any), then each row's own slots
-        B, Hq, D = q.shape
+        K.index_copy_(0, self.new_slots, k)
+        V.index_copy_(0, self.new_slots, v)
+        T, Hq, D = q.shape
         Hkv = K.shape[1]
-        qg = q.view(B, Hkv, Hq // Hkv, D)
-        ks, vs = K[self.decode_table], V[self.decode_table]  # [B, S, Hkv, D]
-        scores = torch.einsum("bhgd,bshd->bhgs", qg, ks)
-        scores = scores.masked_fill(self.decode_pad[:, None, None, :], -torch.inf)
+        G = Hq // Hkv
+        qg = q.view(T, Hkv, G, D)
+        if self.all_decode:
+            out, lse = self._decode(qg, K, V)
+        else:
+            out = q.new_empty(T, Hkv, G, D)
+            lse = q.new_empty(T, Hkv, G, dtype=torch.float32)
+            if self.decode:
+                out[self.decode_tok], lse[self.decode_tok] = self._decode(qg[self.decode_tok], K, V)
+            for start, n, own, mask in self.prefill:
+                # the sequence's n queries x G heads per KV head form one block of n*G query rows
+                qs = qg[start:start + n].permute(1, 0, 2, 3).reshape(1, Hkv, n * G, D)
+                ks = K.index_select(0, own).transpose(0, 1)[None]
+                vs = V.index_select(0, own).transpose(0, 1)[None]
+                o, l = attention_lse(qs, ks, vs, mask, self.scale)
+                out[start:start + n] = o.view(Hkv, n, G, D).permute(1, 0, 2, 3)
+                lse[start:start + n] = l.view(Hkv, n, G).permute(1, 0, 2)
         if self.shared is not None:
-            kp, vp = K[self.shared], V[self.shared]  # [P, Hkv, D], read once
-            scores = torch.cat([torch.einsum("bhgd,phd->bhgp", qg, kp), scores], dim=-1)
-        probs = (scores.float() * self.scale).softmax(-1).to(q.dtype)
-        P = 0 if self.shared is None else len(self.shared)
-        out = torch.einsum("bhgs,bshd->bhgd", probs[..., P:], vs)
-        if self.shared is not None:
-            out = out + torch.einsum("bhgp,phd->bhgd", probs[..., :P], vp)
-        return out.reshape(B, Hq, D)
+            qs = qg.permute(1, 0, 2, 3).reshape(1, Hkv, T * G, D)
+            ks, vs = (K[self.shared], V[self.shared]) if isinstance(self.shared, slice) else (
+                K.index_select(0, self.shared), V.index_select(0, self.shared))
+            o, l = attention_lse(qs, ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], None, self.scale)
+            out = merge_attention(o.view(Hkv, T, G, D).permute(1, 0, 2, 3), l.view(Hkv, T, G).permute(1, 0, 2),
+                                  out, lse)
+        return out.reshape(T, Hq, D)
+
+    def _decode(self, qg: torch.Tensor, K: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # one-token sequences: qg [B, Hkv, G, D] over their own slots, padded to one width
+        B, Hkv, _, D = qg.shape
+        ks = K.index_select(0, self.decode_slots).view(B, self.decode_width, Hkv, D).transpose(1, 2)
+        vs = V.index_select(0, self.decode_slots).view(B, self.decode_width, Hkv, D).transpose(1, 2)
+        return attention_lse(qg, ks, vs, self.decode_mask, self.scale)
 
     def mamba_states(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.states.conv[layer][self.state_idx], self.states.ssm[layer][self.state_idx]
@@ -91,7 +129,9 @@ def run_batch(model: NemotronH, kv: KVPool, states: StatePool | None, batch: lis
     position with `all_logits` ([T, vocab])."""
     device = model.device
     ids = torch.tensor([t for s, n in batch for t in s.tokens[s.computed:s.computed + n]], device=device)
-    view = PagedView(kv, states, batch, model.attn_scale, device)
+    config = model.config
+    view = PagedView(kv, states, batch, model.attn_scale, device,
+                     groups=config.num_attention_heads // config.num_key_value_heads)
     hidden = model(ids, view=view, seq_lens=view.seq_lens)
     if all_logits:
         return model.logits(hidden)

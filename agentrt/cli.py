@@ -31,7 +31,7 @@ def cli() -> None:
 
 @cli.group()
 def bench() -> None:
-    """Measure the engine against its peers."""
+    """Measure the engine and the runtime against their peers."""
 
 
 def _contestants(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
@@ -93,6 +93,36 @@ def bench_engine(agents: int, turns: int, system_tokens: int, user_tokens: int, 
     if not report.ok:
         raise click.ClickException("a correctness check failed (see checks above): the numbers compare "
                                    "different outputs; fix that before trusting them")
+
+
+@bench.command("agents")
+@click.option("--agents", **_count(1000, "agents running concurrently"))
+@click.option("--turns", **_count(10, "tool-loop turns per agent (model call, tool call, result)"))
+@click.option("--only", default="agentrt,pydantic-ai", help="contestants to run, comma-separated")
+@click.option("--markdown", is_flag=True, help="also print a table for docs/BENCHMARKS.md, with this command line")
+def bench_agents(agents: int, turns: int, only: str, markdown: bool) -> None:
+    """The runtime's overhead: many agents in the tool loop against a zero-latency scripted model.
+
+    Contestants: agentrt's Runtime and PydanticAI's Agent with its FunctionModel, same workload,
+    same process. Reports agent turns/s and event-loop lag (p50/p99); targets (reported, never
+    fatal): agentrt at least as fast as PydanticAI, lag p99 under 20 ms.
+    """
+    from agentrt.bench.agents import CONTESTANTS as AGENT_CONTESTANTS
+    from agentrt.bench.agents import format_markdown as agents_markdown
+    from agentrt.bench.agents import format_text as agents_text
+    from agentrt.bench.agents import run_benchmark as run_agents
+
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in AGENT_CONTESTANTS]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown contestants {unknown}; choose from {sorted(AGENT_CONTESTANTS)}",
+                                 param_hint="--only")
+    report = run_agents(agents, turns, names, log=lambda line: click.echo(line, err=True))
+    click.echo(agents_text(report))
+    if markdown:
+        command = ["agentrt", "bench", "agents", "--agents", agents, "--turns", turns, "--only", ",".join(names),
+                   "--markdown"]
+        click.echo("\n" + agents_markdown(report, shlex.join(map(str, command))))
 
 
 def main() -> None:

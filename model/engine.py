@@ -279,7 +279,7 @@ class Engine:
             generator = torch.Generator(device=self.model.device).manual_seed(p.seed)
         opened = request.thinking_open
         if opened is None:
-            opened = self._think_open(request.prompt_ids)
+            opened = self.opens_thinking(request.prompt_ids)
         think = ThinkState(self.think_start, self.think_end, request.thinking)
         if opened:
             think.open()
@@ -292,7 +292,8 @@ class Engine:
             seq.decoder = IncrementalDecoder(self.lm.tokenizer)
         return seq
 
-    def _think_open(self, ids: list[int]) -> bool:
+    def opens_thinking(self, ids: list[int]) -> bool:
+        """Whether a prompt ends inside a think block (its last <think> is not closed)."""
         last = {t: i for i, t in enumerate(ids)}
         return self.think_start is not None and last.get(self.think_start, -1) > last.get(self.think_end[-1], -1)
 

@@ -133,6 +133,7 @@ class AgentContext:
         self.messages: list[dict] = []
         self.last_action = "started"
         self._schema_cache: dict[Any, list[dict]] = {}
+        self._call_ids: set[str] = set()
         if agent.instructions:  # recorded by the runtime once the trajectory is started
             self.messages.append({"role": "system", "content": agent.instructions})
         if task is not None:
@@ -170,7 +171,7 @@ class AgentContext:
                 raise TypeError(f"unknown model option {key!r}; ChatOptions has {sorted(ChatOptions.__slots__)}")
             setattr(opts, key, value)
         opts.max_tokens, opts.max_total_tokens = self.tracker.before_model(opts.max_tokens)
-        opts.think_tokens = self._think_budget(opts.think_tokens)
+        self._think_budget(opts)
         self.last_action = "thinking"
         reply = await self._within_time(self._call_model(messages, schemas, opts))
         if reply.finish_reason == "budget":
@@ -178,6 +179,10 @@ class AgentContext:
                                  f"fit the {opts.max_total_tokens} left of {self.agent.budget.total_tokens}")
         u = reply.usage
         self.tracker.charge_model(u.prompt_tokens, u.cached_tokens, u.thinking_tokens, u.output_tokens)
+        for i, call in enumerate(reply.tool_calls + reply.errors):  # ids unique within the episode
+            if call.id in self._call_ids:
+                call.id = f"call_{self.spent.turns}_{i}"
+            self._call_ids.add(call.id)
         self.recorder.model_call(self.trajectory_id, reply, {"options": opts, "turn": self.spent.turns})
         self.last_action = f"called {len(reply.tool_calls)} tools" if reply.tool_calls else "answered"
         return reply
@@ -213,6 +218,13 @@ class AgentContext:
             raise exceeded
         return results
 
+    def reject_calls(self, errors: list[ToolCallRequest]) -> None:
+        """Answer tool calls that did not parse (`reply.errors`): each gets a tool message with
+        what was wrong, tied to its id, and counts as a failure of its tool."""
+        for bad in errors:
+            self.tools.failures[bad.name] += 1
+            self._append({"role": "tool", "tool_call_id": bad.id, "name": bad.name, "content": str(bad.arguments)})
+
     def reward(self, value: float, *, name: str = "reward", info: dict | None = None) -> None:
         """Record a reward; rewards of the same name add up."""
         self.rewards[name] = self.rewards.get(name, 0.0) + float(value)
@@ -231,11 +243,16 @@ class AgentContext:
             self._schema_cache[key] = self.tools.schemas(None if tools is True else tools)
         return self._schema_cache[key]
 
-    def _think_budget(self, requested: int | None) -> int | None:
+    def _think_budget(self, opts: ChatOptions) -> None:
+        """What is left of the episode's thinking budget goes with the request; the grace window
+        is carved out of it (a quarter at most), so the episode never thinks past its budget."""
         left = self.tracker.think_tokens_left()
         if left is None:
-            return requested
-        return left if requested is None else min(requested, left)
+            return
+        if opts.think_tokens is not None:
+            left = min(left, opts.think_tokens)
+        opts.think_grace = min(opts.think_grace, left // 4)
+        opts.think_tokens = left - opts.think_grace
 
     async def _call_model(self, messages: list[dict], schemas: list[dict] | None, opts: ChatOptions) -> ChatReply:
         async with self.model_gate:  # backpressure: agents past the model's capacity wait here
@@ -261,9 +278,7 @@ async def tool_loop(ctx: AgentContext) -> str:
         reply = await ctx.chat()
         if not reply.tool_calls and not reply.errors:
             return reply.content
-        for bad in reply.errors:  # calls that did not parse: the model is told what was wrong
-            ctx.tools.failures[bad.name] += 1
-            ctx._append({"role": "tool", "tool_call_id": bad.id, "name": bad.name, "content": str(bad.arguments)})
+        ctx.reject_calls(reply.errors)  # calls that did not parse: the model is told what was wrong
         if reply.tool_calls:
             await ctx.call_tools(reply.tool_calls)
     raise MaxTurns(f"{ctx.agent.max_turns} turns without a final answer")

@@ -85,7 +85,8 @@ class ChatOptions:
 
     `think_tokens`: the thinking budget (None: unlimited, 0: no thinking); `constrain_tools`: ask
     the model to emit tool calls whose arguments follow the tools' schemas (constrained decoding
-    where the model supports it); `require_call`: a tool call must be made; `max_total_tokens`:
+    where the model supports it); `require_call`: a tool call must be made; `parallel_calls`:
+    several calls may be made in one turn (False: one at most); `max_total_tokens`:
     prompt + generated tokens this call may use: the model caps generation to what the prompt
     leaves, and answers with `finish_reason="budget"` (nothing generated) when the prompt alone
     does not fit.
@@ -100,6 +101,7 @@ class ChatOptions:
     think_grace: int = 32
     constrain_tools: bool = True
     require_call: bool = False
+    parallel_calls: bool = True
     session: str | None = None
     max_total_tokens: int | None = None  # prompt + generated; a model that cannot fit the prompt replies "budget"
 

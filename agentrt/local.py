@@ -58,7 +58,8 @@ class LocalModel:
                 return ChatReply(finish_reason="budget", prompt_ids=ids)
         constraint = None
         if tools and options.constrain_tools:
-            constraint = Constraint(tools=tools, require_call=options.require_call)
+            constraint = Constraint(tools=tools, require_call=options.require_call,
+                                    parallel_calls=options.parallel_calls)
         request = Request(
             prompt_ids=ids,
             sampling=SamplingParams(temperature=options.temperature, top_p=options.top_p,

@@ -46,8 +46,8 @@ class _Retryable(Exception):
 class RemoteEngine:
     """A `ChatModel` served by an OpenAI-compatible `POST {base_url}/chat/completions` endpoint.
 
-    `options.think_tokens`, when not None, is sent as the vendor field `"thinking_budget": N`:
-    agentrt's own server enforces it, other servers ignore unknown fields. `timeout` bounds
+    `options.think_tokens`, when not None, is sent as `"max_thinking_tokens": N`, the field
+    NVIDIA's servers and agentrt's own accept; other servers ignore unknown fields. `timeout` bounds
     connecting and each wait for data (time between streamed chunks; the whole generation when
     `stream=False`). Connection errors, timeouts, HTTP 429 and 5xx are retried `max_retries` times,
     waiting `backoff`, 2*`backoff`, 4*`backoff`, ... seconds (or the server's `Retry-After`), at
@@ -236,12 +236,14 @@ def request_body(model: str, messages: list[dict], tools: list[dict] | None, opt
     if tools:
         body["tools"] = tools
         body["tool_choice"] = "required" if options.require_call else "auto"
+        if not options.parallel_calls:
+            body["parallel_tool_calls"] = False
     if options.seed is not None:
         body["seed"] = options.seed
     if options.stop:
         body["stop"] = list(options.stop)
     if options.think_tokens is not None:
-        body["thinking_budget"] = options.think_tokens  # vendor field: agentrt's server reads it
+        body["max_thinking_tokens"] = options.think_tokens  # vendor field: agentrt's server reads it
     if stream:
         body["stream_options"] = {"include_usage": True}
     return body

@@ -234,16 +234,16 @@ def test_request_body_and_headers(monkeypatch):
     (first, second, third), headers = asyncio.run(main())
     assert json.dumps(history) == snapshot  # the caller's messages are left alone
     assert first["model"] == "tiny" and first["tools"] == TOOLS and first["tool_choice"] == "required"
-    assert {k: first[k] for k in ("temperature", "top_p", "max_tokens", "seed", "stop", "thinking_budget")} == {
-        "temperature": 0.7, "top_p": 0.9, "max_tokens": 64, "seed": 7, "stop": ["</s>"], "thinking_budget": 128}
+    assert {k: first[k] for k in ("temperature", "top_p", "max_tokens", "seed", "stop", "max_thinking_tokens")} == {
+        "temperature": 0.7, "top_p": 0.9, "max_tokens": 64, "seed": 7, "stop": ["</s>"], "max_thinking_tokens": 128}
     assert first["stream"] is True and first["stream_options"] == {"include_usage": True}
     sent_call = first["messages"][1]["tool_calls"][0]
     assert sent_call["function"] == {"name": "add", "arguments": '{"a": 1, "b": 2}'}
     assert first["messages"][1]["reasoning_content"] == "hm" and first["messages"][2] == history[2]
     assert headers[0]["Authorization"] == "Bearer sk-test" and headers[0]["X-Team"] == "agents"
     assert headers[1]["Authorization"] == "Bearer from-env"
-    assert second["tool_choice"] == "auto" and not {"seed", "stop", "thinking_budget"} & second.keys()
-    assert not {"tools", "tool_choice"} & third.keys() and third["thinking_budget"] == 0
+    assert second["tool_choice"] == "auto" and not {"seed", "stop", "max_thinking_tokens"} & second.keys()
+    assert not {"tools", "tool_choice"} & third.keys() and third["max_thinking_tokens"] == 0
 
 
 def test_reply_round_trips_into_the_next_request():

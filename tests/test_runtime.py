@@ -158,7 +158,9 @@ def test_thinking_budget_goes_with_every_request_and_shrinks():
     model = ScriptedModel(script)
     [result] = run([(Agent(name="th", tools=[add], budget=Budget(think_tokens=50)), "x")], model)
     assert result.status == "done"
-    assert [c.think_tokens for c in model.calls] == [50, 20, 0, 0]  # at 0 the model answers without thinking
+    # what is left goes with each request, the grace window carved out of it: never past the budget
+    assert [c.think_tokens + c.think_grace for c in model.calls] == [50, 20, 0, 0]
+    assert [c.think_grace for c in model.calls] == [12, 5, 0, 0]  # at 0 the model answers without thinking
 
 
 def test_seconds_budget_cancels_the_call_in_flight():

@@ -378,3 +378,32 @@ def test_constructor_checks_and_backoff_cap():
     assert model.url == "https://api.example.com/v1/chat/completions" and model.name == "remote:m@api.example.com"
     assert [model._delay(n, None) for n in range(6)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0]
     assert model._delay(0, 3.0) == 3.0 and model._delay(0, 60.0) == 10.0
+
+
+# --- the runtime over a remote model ---------------------------------------------------------
+
+def test_an_agent_runs_unchanged_over_a_remote_engine():
+    from agentrt import Agent, Budget, Runtime, tool
+
+    @tool
+    def add(a: float, b: float) -> float:
+        """Add two numbers."""
+        return a + b
+
+    call = chunk({"role": "assistant", "tool_calls": [{"index": 0, "id": "c1", "type": "function",
+                                                       "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]})
+
+    async def main():
+        async with serve(sse(call, chunk({}, "tool_calls"), "[DONE]"), sse(*done("It is 5."))) as endpoint:
+            model = RemoteEngine(endpoint.url, "tiny", backoff=0.01)
+            async with Runtime(model=model) as rt:
+                [result] = await rt.run([(Agent(name="calc", tools=[add], budget=Budget(think_tokens=64)), "2 + 3?")])
+            await model.close()
+            return result, endpoint.bodies
+
+    result, bodies = asyncio.run(main())
+    assert result.status == "done" and result.output == "It is 5."
+    assert [m["role"] for m in result.messages] == ["user", "assistant", "tool", "assistant"]
+    assert result.messages[2] == {"role": "tool", "tool_call_id": "c1", "name": "add", "content": "5.0"}
+    assert bodies[0]["tools"][0]["function"]["name"] == "add" and bodies[0]["max_thinking_tokens"] > 0
+    assert bodies[1]["messages"][-1]["content"] == "5.0"  # the tool result went back to the server

@@ -42,8 +42,7 @@ class PagedView:
         longest = min(s.computed for s, _ in batch)
         shared = 0
         if len(batch) > 1 and longest >= SHARED_MIN:
-            heads = torch.stack([t[:longest] for t in tables])
-            shared = int((heads == heads[:1]).all(0).int().cumprod(0).sum())
+            shared = _common_prefix([s.slots for s, _ in batch], longest)
         self.shared: slice | torch.Tensor | None = None
         if shared >= SHARED_MIN:
             slots = tables[0][:shared]
@@ -119,6 +118,25 @@ class PagedView:
     def set_mamba_states(self, layer: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
         self.states.conv[layer].index_copy_(0, self.state_idx, conv)
         self.states.ssm[layer].index_copy_(0, self.state_idx, ssm)
+
+
+def _common_prefix(slot_lists: list[list[int]], limit: int) -> int:
+    """Length of the slot prefix all lists share, at most `limit`.
+
+    A KV slot holds one position of one path of the prefix cache (or of one sequence's own
+    tokens), so two lists holding the same slot at position p agree on every position before it:
+    agreement is monotone in p, and a binary search over single positions finds its end.
+    """
+    first = slot_lists[0]
+    lo, hi = 0, limit  # lists agree on [0, lo); the answer is in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        slot = first[mid - 1]
+        if all(other[mid - 1] == slot for other in slot_lists):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @torch.inference_mode()

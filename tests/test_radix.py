@@ -83,3 +83,14 @@ def test_snapshot_eviction_drops_hybrid_leaves_that_can_no_longer_resume():
     c.evict(states_free=3)
     assert c.states.num_free == 3 and c.num_snapshots == 0
     assert c.num_tokens == 0 and c.kv.num_free == 50  # their KV went with them
+
+
+def test_common_slot_prefix_by_binary_search():
+    from agentrt.model.runner import _common_prefix
+
+    base = list(range(100, 200))
+    lists = [base[:90] + [1, 2], base[:60] + [7] * 30, base[:95]]
+    assert _common_prefix(lists, 95) == 60
+    assert _common_prefix(lists, 40) == 40
+    assert _common_prefix([base, base[:70] + [0] * 30], 100) == 70
+    assert _common_prefix([[5], [6]], 1) == 0

@@ -3,6 +3,12 @@
 Every method is called on the event loop and must return at once (a store hands the work to its
 writer thread). `NullRecorder` drops everything; `MemoryRecorder` keeps it in lists, for tests and
 small scripts.
+
+Order per trajectory: `trajectory_started` (as soon as the agent is scheduled, before it may fail
+to start), then its messages, model and tool calls, rewards and events, then
+`trajectory_finished` once. `message` appends a node to the trajectory's branch; when the
+`trajectory_started` meta has `parent_node` (a store node id), the first message hangs under that
+node: a fork, whose prefix is not recorded again. Recorded objects are not mutated afterwards.
 """
 
 from __future__ import annotations

@@ -15,7 +15,26 @@ from .budget import BudgetExceeded
 from .llm import ChatModel
 from .recorder import NullRecorder, Recorder
 
-RunItem = Agent | tuple[Agent, Any]
+
+
+@dataclass(slots=True)
+class Episode:
+    """One agent run with full control over how it starts.
+
+    `messages`: start from this conversation instead of the agent's instructions and the task (a
+    resumed or forked trajectory). `meta` goes to the recorder's `trajectory_started`; with
+    `parent_node` (a store node id) the new messages hang under that node, so a fork is a sibling
+    branch of the trajectory it came from, and the given `messages` (that branch's prefix) are not
+    recorded again. `fork_of` names the trajectory forked.
+    """
+
+    agent: Agent
+    task: Any = None
+    messages: list[dict] | None = None
+    meta: dict = field(default_factory=dict)
+
+
+RunItem = Agent | tuple[Agent, Any] | Episode
 LAUNCH_BATCH = 64
 DEFAULT_MODEL_CALLS = 32
 
@@ -110,24 +129,27 @@ class Runtime:
         order. One agent failing, timing out or being cancelled never disturbs the others."""
         if self.model is None:
             raise RuntimeError("the runtime is not started; use `async with Runtime(...) as rt:`")
-        pairs = [(item, None) if isinstance(item, Agent) else tuple(item) for item in items]
-        for agent, _ in pairs:
-            if not isinstance(agent, Agent):
-                raise TypeError(f"run() takes Agents or (Agent, task) pairs, got {agent!r}")
+        episodes = [item if isinstance(item, Episode) else Episode(item) if isinstance(item, Agent)
+                    else Episode(*item) for item in items]
+        for ep in episodes:
+            if not isinstance(ep.agent, Agent):
+                raise TypeError(f"run() takes Agents, (Agent, task) pairs or Episodes, got {ep.agent!r}")
         run_id = run_id or uuid.uuid4().hex
         started = time.monotonic()
         self._gate = self._gate or asyncio.Semaphore(self.max_concurrency)
         if self._model_gate is None:
             limit = self.max_model_calls or getattr(self.model, "max_concurrency", DEFAULT_MODEL_CALLS)
             self._model_gate = asyncio.Semaphore(limit)
-        self.recorder.run_started(run_id, {"agents": len(pairs), "model": getattr(self.model, "name", "?")})
+        self.recorder.run_started(run_id, {"agents": len(episodes), "model": getattr(self.model, "name", "?")})
         tasks, ids = [], []
-        for i, (agent, task) in enumerate(pairs):
+        for i, ep in enumerate(episodes):
             if i and i % LAUNCH_BATCH == 0:
                 await asyncio.sleep(0)  # start agents a batch per loop tick: no burst of thousands at once
             trajectory_id = uuid.uuid4().hex
-            self.agents[trajectory_id] = AgentState(agent.name, trajectory_id)
-            t = asyncio.create_task(self._episode(run_id, trajectory_id, agent, task), name=f"agent:{agent.name}")
+            self.agents[trajectory_id] = AgentState(ep.agent.name, trajectory_id)
+            self.recorder.trajectory_started(trajectory_id, run_id, ep.agent.name, {
+                "task": ep.task, "budget": ep.agent.budget.model_dump(), **ep.meta})
+            t = asyncio.create_task(self._episode(trajectory_id, ep), name=f"agent:{ep.agent.name}")
             self._tasks[trajectory_id] = t
             tasks.append(t)
             ids.append(trajectory_id)
@@ -161,20 +183,20 @@ class Runtime:
         return list(self.agents.values())
 
     # -- one episode -------------------------------------------------------------------------------
-    async def _episode(self, run_id: str, trajectory_id: str, agent: Agent, task: Any) -> AgentResult:
+    async def _episode(self, trajectory_id: str, ep: Episode) -> AgentResult:
         state = self.agents[trajectory_id]
         try:
             async with self._gate:
-                return await self._run_agent(run_id, trajectory_id, agent, task, state)
+                return await self._run_agent(trajectory_id, ep, state)
         except asyncio.CancelledError:
             ctx = state.ctx
-            result = self._result(ctx, agent, trajectory_id, task, "cancelled", None) if ctx else AgentResult(
-                agent.name, trajectory_id, task, "cancelled")
+            result = self._result(ctx, ep.agent, trajectory_id, ep.task, "cancelled", None) if ctx else AgentResult(
+                ep.agent.name, trajectory_id, ep.task, "cancelled")
             self._finish(state, result)
             return result
 
-    async def _run_agent(self, run_id: str, trajectory_id: str, agent: Agent, task: Any,
-                         state: AgentState) -> AgentResult:
+    async def _run_agent(self, trajectory_id: str, ep: Episode, state: AgentState) -> AgentResult:
+        agent, task = ep.agent, ep.task
         try:
             registry = self._registry_for(agent)
         except ValueError as e:
@@ -183,10 +205,12 @@ class Runtime:
             return result
         ctx = AgentContext(agent, task, self.model, registry, self.recorder, trajectory_id,
                            model_gate=self._model_gate)
+        if ep.messages is not None:
+            ctx.messages = [dict(m) for m in ep.messages]
         state.ctx, state.status, state.started = ctx, "running", time.monotonic()
-        self.recorder.trajectory_started(trajectory_id, run_id, agent.name, {"task": task, "budget": agent.budget.model_dump()})
-        for message in ctx.messages:
-            self.recorder.message(trajectory_id, message)
+        if "parent_node" not in ep.meta:  # a fork's prefix is already recorded
+            for message in ctx.messages:
+                self.recorder.message(trajectory_id, message)
         policy = agent.policy or tool_loop
         status, reason, output, error = "done", None, None, None
         try:
@@ -229,7 +253,6 @@ class Runtime:
 
     def _finish(self, state: AgentState, result: AgentResult) -> None:
         state.status, state.result = result.status, result
-        self.recorder.event(result.trajectory_id, "finished", {"status": result.status, "reason": result.reason})
         self.recorder.trajectory_finished(result.trajectory_id, result)
 
 

@@ -63,7 +63,8 @@ def test_tool_loop_calls_the_tool_and_answers_with_its_result():
     [record] = rec.of("tool_call", result.trajectory_id)
     assert record["call"]["name"] == "add" and record["result"].ok and record["result"].value == 5.0
     assert [m["role"] for m in rec.of("message", result.trajectory_id)] == roles
-    assert rec.of("event", result.trajectory_id)[-1] == {"kind": "finished", "status": "done", "reason": None}
+    assert [r.kind for r in rec.records if r.trajectory_id == result.trajectory_id][0] == "trajectory_started"
+    assert rec.of("trajectory_finished", result.trajectory_id) == [result]
 
 
 def test_custom_policy_uses_the_context():

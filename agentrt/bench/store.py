@@ -1,0 +1,161 @@
+"""`agentrt bench store`: the trajectory store under the runtime's full speed.
+
+The workload of `agentrt bench agents` (a zero-latency scripted model, `turns` tool-loop rounds per
+agent, all agents at once) runs twice: once with no recorder (the runtime alone), once recording
+into a `Store` on a fresh SQLite file. What is measured with the store: recorder calls committed
+per second, from the start of the run to the end of the final flush; event-loop lag throughout
+(`LagProbe`: how late a 1 ms sleep wakes up), flush included; the file's size once closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from agentrt.bench.agents import LagProbe, lookup
+
+
+@dataclass(slots=True)
+class Outcome:
+    name: str
+    agents: int
+    turns: int
+    seconds: float  # run start to the last commit (the run alone for the runtime without a store)
+    completed: int
+    events: int = 0  # recorder calls committed
+    file_bytes: int | None = None
+    lag_ms: list[float] = field(default_factory=list)
+
+    @property
+    def turns_per_s(self) -> float:
+        return self.agents * self.turns / self.seconds
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.seconds
+
+    def lag(self, q: float) -> float:
+        if not self.lag_ms:
+            return 0.0
+        ordered = sorted(self.lag_ms)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run_workload(agents: int, turns: int, url: str | None, batch_size: int = 500) -> Outcome:
+    """The tool-loop workload, recording into a Store at `url` (None: no recorder)."""
+    from agentrt import Agent, Runtime, ScriptedModel, tool
+    from agentrt.store import Store
+    from agentrt.store.schema import sqlite_path
+
+    def script(messages: list[dict], tools: list[dict] | None) -> dict | str:
+        done = sum(1 for m in messages if m["role"] == "tool")
+        if done < turns:
+            return {"tool_calls": [{"id": f"call_{done}", "name": "lookup", "arguments": {"key": done}}]}
+        return "done"
+
+    store = Store(url, batch_size=batch_size) if url is not None else None
+    agent = Agent(name="bench", instructions="Look keys up.", tools=[tool(lookup)], max_turns=turns + 1)
+    try:
+        async with Runtime(model=ScriptedModel(script), max_concurrency=agents, recorder=store) as rt:
+            async with LagProbe() as probe:
+                started = time.perf_counter()
+                results = await rt.run([(agent, f"task {i}") for i in range(agents)])
+                if store is not None:
+                    await store.aflush()
+                seconds = time.perf_counter() - started
+    finally:
+        if store is not None:
+            await store.aclose()
+    ok = sum(1 for r in results if r.status == "done" and r.spent.tool_calls == turns)
+    name = "runtime + store" if store is not None else "runtime alone"
+    out = Outcome(name, agents, turns, seconds, ok, lag_ms=probe.samples)
+    if store is not None:
+        out.events = store.flushed_events
+        path = sqlite_path(store.url)
+        out.file_bytes = path.stat().st_size if path is not None and path.exists() else None
+    return out
+
+
+@dataclass(slots=True)
+class Report:
+    outcomes: list[Outcome]
+    machine: dict
+
+    @property
+    def store(self) -> Outcome:
+        return next(o for o in self.outcomes if o.events)
+
+
+def run_benchmark(agents: int, turns: int, batch_size: int = 500, url: str | None = None,
+                  log: Callable[[str], None] = lambda _: None) -> Report:
+    """The workload without a store, then with one (a temporary SQLite file unless `url`)."""
+    machine = machine_info()
+    with tempfile.TemporaryDirectory(prefix="agentrt-bench-store-") as tmp:
+        asyncio.run(run_workload(min(agents, 20), 2, str(Path(tmp) / "warmup.db")))  # imports, schema building
+        outcomes = []
+        for name, target in (("runtime alone", None), ("runtime + store", url or str(Path(tmp) / "bench.db"))):
+            gc.collect()
+            log(f"running {name}: {agents} agents x {turns} tool turns")
+            outcomes.append(asyncio.run(run_workload(agents, turns, target, batch_size)))
+    return Report(outcomes, machine)
+
+
+def machine_info() -> dict:
+    import sqlalchemy
+
+    return {
+        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "python": platform.python_version(), "sqlalchemy": sqlalchemy.__version__,
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def targets(report: Report) -> list[tuple[str, bool]]:
+    s = report.store
+    return [(f"store events/s written: {s.events_per_s:,.0f}, target >= 20,000", s.events_per_s >= 20_000),
+            (f"event-loop lag p99 with the store: {s.lag(0.99):.1f} ms, target < 10 ms", s.lag(0.99) < 10)]
+
+
+def rows(report: Report) -> list[list[str]]:
+    out = []
+    for o in report.outcomes:
+        size = f"{o.file_bytes / 1e6:.1f}" if o.file_bytes is not None else "-"
+        per_event = f"{o.file_bytes / o.events:.0f}" if o.file_bytes and o.events else "-"
+        out.append([o.name, f"{o.agents:,}", str(o.turns), f"{o.completed:,}", f"{o.seconds:.2f}",
+                    f"{o.turns_per_s:,.0f}", f"{o.events:,}" if o.events else "-",
+                    f"{o.events_per_s:,.0f}" if o.events else "-", f"{o.lag(0.5):.2f}", f"{o.lag(0.99):.2f}",
+                    size, per_event])
+    return out
+
+
+HEADER = ["contestant", "agents", "tool turns each", "completed", "wall s", "agent turns/s", "events written",
+          "events/s", "loop lag p50 ms", "loop lag p99 ms", "file MB", "bytes/event"]
+
+
+def format_text(report: Report) -> str:
+    table = [HEADER] + rows(report)
+    widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
+    lines.append("")
+    lines += [f"{text}: {'PASS' if ok else 'FAIL'}" for text, ok in targets(report)]
+    m = report.machine
+    load = f"{m['load_average']:.2f}" if m["load_average"] is not None else "?"
+    lines.append(f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, SQLAlchemy {m['sqlalchemy']}; "
+                 f"load average {load} before the run; {m['date']}")
+    return "\n".join(lines)
+
+
+def format_markdown(report: Report, command: str) -> str:
+    lines = [f"```\n{command}\n```", "", "| " + " | ".join(HEADER) + " |",
+             "| " + " | ".join(["---"] + ["---:"] * (len(HEADER) - 1)) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(report)]
+    return "\n".join(lines)

@@ -1,0 +1,454 @@
+"""The trajectory store: a runtime run recorded and read back, exact token arrays, content-addressed
+blobs, forks as branches, schema versions, interrupted runs, flush, concurrent readers, the bench.
+
+Every test runs on a temporary SQLite file and, when AGENTRT_TEST_POSTGRES_URL is set, on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import random
+import struct
+import subprocess
+import sys
+import time
+from array import array
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import create_engine, select, update
+
+from agentrt import Agent, AgentResult, Budget, ChatReply, Runtime, ScriptedModel, tool
+from agentrt.budget import Spent
+from agentrt.cli import cli
+from agentrt.llm import ChatOptions, ToolCallRequest, Usage
+from agentrt.store import SCHEMA_VERSION, Store, StoreError, StoreReader, StoreVersionError
+from agentrt.store.schema import blobs, meta, metadata
+from agentrt.tools import ToolError
+
+PG_URL = os.environ.get("AGENTRT_TEST_POSTGRES_URL")
+PG_SKIP = ("PostgreSQL is not configured: set AGENTRT_TEST_POSTGRES_URL (e.g. "
+           "postgresql+psycopg://agentrt@127.0.0.1:5433/agentrt_test); `eval \"$(.ci/pg-setup.sh)\"` starts one")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        yield str(tmp_path / "store.db")
+        return
+    if not PG_URL:
+        pytest.skip(PG_SKIP)
+    engine = create_engine(PG_URL)
+    metadata.drop_all(engine)  # every test starts from an empty database
+    engine.dispose()
+    yield PG_URL
+
+
+def bits(values: list[float]) -> list[bytes]:
+    return [struct.pack("<d", v) for v in values]
+
+
+def fp32(values: list[float]) -> list[float]:
+    return array("f", values).tolist()
+
+
+# -- a runtime run, recorded and read back -------------------------------------------------------------
+@tool
+def add(a: float, b: float) -> float:
+    """Add two numbers.
+
+    Args:
+        a: The first number.
+        b: The second number.
+    """
+    return a + b
+
+
+@tool
+async def divide(a: float, b: float) -> float:
+    """Divide a by b.
+
+    Args:
+        a: The dividend.
+        b: The divisor.
+    """
+    await asyncio.sleep(0.001)
+    if b == 0:
+        raise ToolError("b must not be 0")
+    return a / b
+
+
+class Script:
+    """A scripted model whose replies carry token ids and logprobs; it keeps every reply per task."""
+
+    def __init__(self) -> None:
+        self.replies: dict[str, list[ChatReply]] = {}
+        self.rng = random.Random(7)
+
+    def __call__(self, messages: list[dict], tools: list[dict] | None) -> ChatReply:
+        task = messages[1]["content"] if len(messages) > 1 else messages[0]["content"]
+        done = sum(1 for m in messages if m["role"] == "tool")
+        if task.startswith("calc") and done == 0:
+            calls = [ToolCallRequest("c1", "add", {"a": 2, "b": 3}), ToolCallRequest("c2", "divide", {"a": 1, "b": 0})]
+        elif task.startswith("bad") and done == 0:
+            calls = [ToolCallRequest("c1", "add", {"a": "two"})]
+        elif task.startswith("greedy"):
+            calls = [ToolCallRequest(f"g{done}", "add", {"a": done, "b": 1})]
+        else:
+            calls = []
+        n = self.rng.randint(1, 40)
+        reply = ChatReply(
+            content="" if calls else f"answer after {done} results", tool_calls=calls,
+            finish_reason="tool_calls" if calls else "stop",
+            usage=Usage(prompt_tokens=10 * len(messages), cached_tokens=len(messages), output_tokens=n),
+            prompt_ids=[self.rng.randrange(2 ** 31 - 1) for _ in range(10 * len(messages))],
+            token_ids=[self.rng.randrange(256_000) for _ in range(n)],
+            logprobs=fp32([-self.rng.expovariate(1.0) for _ in range(n - 2)] + [-0.0, 1.401298464324817e-45]),
+            seconds=0.001 * n)
+        self.replies.setdefault(task, []).append(reply)
+        return reply
+
+
+async def failing_policy(ctx):
+    await ctx.chat()
+    raise ValueError("the policy broke on purpose")
+
+
+async def rewarding_policy(ctx):
+    reply = await ctx.chat()
+    ctx.reward(1.0, info={"why": "answered", "score": 0.5})
+    ctx.reward(0.25, name="format")
+    return reply.content
+
+
+def run_agents(url: str, items: list, **store_args) -> tuple[Store, list[AgentResult], Script]:
+    script = Script()
+
+    async def main() -> list[AgentResult]:
+        async with Runtime(model=ScriptedModel(script), recorder=store) as rt:
+            results = await rt.run(items, run_id="run-1")
+        await store.aflush()
+        return results
+
+    store = Store(url, **store_args)
+    return store, asyncio.run(main()), script
+
+
+def test_a_runtime_run_is_recorded_and_read_back(url):
+    calc = Agent(name="calc", instructions="Use the tools.", tools=[add, divide])
+    greedy = Agent(name="greedy", instructions="Call tools forever.", tools=[add], budget=Budget(tool_calls=2))
+    items = [(calc, "calc 2 + 3 and 1 / 0"), (calc, "bad arguments"), (greedy, "greedy task"),
+             (Agent(name="failing", policy=failing_policy), "fail please"),
+             (Agent(name="rewarding", instructions="Answer.", policy=rewarding_policy), "reward me"),
+             (Agent(name="unknown-tool", tools=["nope"]), "cannot start")]
+    store, results, script = run_agents(url, items, batch_size=7)  # small batches: links cross batch borders
+    with store:
+        by_agent = {r.agent: r for r in results[2:]}
+        by_agent["calc"] = results[0]
+        assert [r.status for r in results] == ["done", "done", "budget", "failed", "done", "failed"]
+
+        [run] = store.runs()
+        assert (run.id, run.status, run.meta["agents"], run.summary["agents"]) == ("run-1", "finished", 6, 6)
+        assert run.summary["by_status"] == {"done": 3, "budget": 1, "failed": 2}
+        assert store.run("run-1") == run
+
+        for r in results:
+            t = store.trajectory(r.trajectory_id)
+            assert (t.run_id, t.agent, t.task, t.status, t.reason) == ("run-1", r.agent, r.task, r.status, r.reason)
+            assert t.spent == r.spent.as_dict() and t.reward == r.reward
+            assert t.finished >= t.started
+            assert [n.message for n in store.messages(r.trajectory_id)] == r.messages
+            kinds = [e.kind for e in store.events(r.trajectory_id)]
+            assert kinds[0] == "trajectory_started" and kinds[-1] == "trajectory_finished", kinds
+        assert {t.id for t in store.trajectories("run-1")} == {r.trajectory_id for r in results}
+        assert store.trajectory(by_agent["failing"].trajectory_id).error.rstrip().endswith(
+            "ValueError: the policy broke on purpose")
+        assert by_agent["greedy"].reason == "budget:tool_calls"
+        [budget] = [e for e in store.events(by_agent["greedy"].trajectory_id) if e.kind == "budget"]
+        assert budget.data["reason"] == "budget:tool_calls" and budget.run_id == "run-1"
+
+        # model calls: the engine's arrays exactly, each linked to the assistant message it produced
+        for r in results:
+            calls = store.model_calls(r.trajectory_id)
+            assert len(calls) == r.spent.turns
+            replies = script.replies.get(r.task, [])
+            assert len(calls) == len(replies)
+            nodes = {n.id: n for n in store.messages(r.trajectory_id)}
+            for call, reply in zip(calls, replies):
+                assert call.token_ids == reply.token_ids and call.prompt_ids == reply.prompt_ids
+                assert bits(call.logprobs) == bits(reply.logprobs)
+                assert (call.finish_reason, call.output_tokens, call.cached_tokens) == (
+                    reply.finish_reason, reply.usage.output_tokens, reply.usage.cached_tokens)
+                assert nodes[call.node_id].message == reply.to_message() == call.reply
+                assert call.options["session"] == r.trajectory_id and call.meta["turn"] >= 1
+
+        # tool calls: arguments, results and errors, each linked to its result message
+        calc_calls = store.tool_calls(by_agent["calc"].trajectory_id)
+        assert [(c.name, c.arguments, c.ok, c.error) for c in calc_calls] == [
+            ("add", {"a": 2, "b": 3}, True, None), ("divide", {"a": 1, "b": 0}, False, "tool_error")]
+        assert calc_calls[0].content == "5.0" and "b must not be 0" in calc_calls[1].content
+        nodes = {n.id: n for n in store.messages(by_agent["calc"].trajectory_id)}
+        for c in calc_calls:
+            assert nodes[c.node_id].message == {"role": "tool", "tool_call_id": c.call_id, "name": c.name,
+                                                "content": c.content}
+        [bad] = store.tool_calls(results[1].trajectory_id)
+        assert (bad.ok, bad.error, bad.arguments) == (False, "invalid_arguments", {"a": "two"})
+        assert len(store.tool_calls(by_agent["greedy"].trajectory_id)) == 2
+
+        # rewards
+        rewards = store.rewards(by_agent["rewarding"].trajectory_id)
+        assert [(w.name, w.value, w.info) for w in rewards] == [
+            ("reward", 1.0, {"why": "answered", "score": 0.5}), ("format", 0.25, None)]
+        assert store.trajectory(by_agent["rewarding"].trajectory_id).reward == 1.25
+
+        # an agent that failed before it started still has its trajectory, in its run
+        t = store.trajectory(by_agent["unknown-tool"].trajectory_id)
+        assert (t.run_id, t.agent, t.status) == ("run-1", "unknown-tool", "failed") and "nope" in t.reason
+
+        # one row per recorder call
+        stats = store.stats()
+        assert stats.written == stats.queued == store.recorded() and stats.lost == 0 and stats.pending == 0
+        assert stats.batches >= stats.written // 7
+
+
+# -- exact arrays, awkward values ------------------------------------------------------------------------
+def result_for(trajectory_id: str, status: str = "done", task: object = "t", **kwargs) -> AgentResult:
+    return AgentResult(agent="a", trajectory_id=trajectory_id, task=task, status=status, spent=Spent(turns=1), **kwargs)
+
+
+def test_token_ids_and_logprobs_round_trip_bit_exactly(url):
+    rng = random.Random(3)
+    awkward32 = fp32([1e-45, -0.0, 0.0, 3.4028234663852886e38, -math.inf, -1e-38, -2.5e-40]
+                     + [-rng.expovariate(0.1) * rng.choice([1, 1e-20, 1e20]) for _ in range(5000)])
+    awkward64 = [0.1, -1e-300, 5e-324, -0.0, 1.0000000000000002, -math.inf]  # not fp32 values: kept as doubles
+    replies = [
+        ChatReply(content="fp32", prompt_ids=list(range(20_000)), token_ids=[0, 1, 2 ** 31 - 1], logprobs=awkward32),
+        ChatReply(content="fp64", token_ids=[2 ** 40, -1, 7], logprobs=awkward64),
+        ChatReply(content="empty"),
+    ]
+    with Store(url) as store:
+        store.run_started("r", {})
+        store.trajectory_started("t", "r", "a", {"task": "t"})
+        for reply in replies:
+            store.model_call("t", reply, {"options": ChatOptions(seed=1), "turn": 1})
+        store.flush()
+        calls = store.model_calls("t")
+    assert [c.reply["content"] for c in calls] == ["fp32", "fp64", "empty"]  # no message followed: kept with the call
+    for call, reply in zip(calls, replies):
+        assert call.prompt_ids == reply.prompt_ids and call.token_ids == reply.token_ids
+        assert bits(call.logprobs) == bits(reply.logprobs)
+        assert all(type(x) is int for x in call.token_ids) and all(type(x) is float for x in call.logprobs)
+    assert calls[0].options["seed"] == 1 and calls[2].prompt_ids == [] and calls[2].logprobs == []
+
+
+def test_awkward_payloads_do_not_break_a_batch(url):
+    with Store(url) as store:
+        store.run_started("r", {"started by": "a test", "nan": math.nan})
+        store.trajectory_started("t", "r", "a", {"task": {"a dict": [1, 2]}, "budget": {"seconds": math.inf}})
+        store.message("t", {"role": "user", "content": "nul \x00 and emoji 🙂 and a lone surrogate \ud800" * 10})
+        store.reward("t", "r", 1.0, {"nan": math.nan, "set": {3}})
+        store.event("t", "note", {"obj": ValueError("not JSON")})
+        store.trajectory_finished("t", result_for("t", task={"a dict": [1, 2]}, output={"x": math.inf},
+                                                  reason="nul\x00"))
+        store.flush()
+        assert store.stats().lost == 0
+        [node] = store.messages("t")
+        assert node.message["content"].startswith("nul \x00 and emoji 🙂 and a lone surrogate \ud800")
+        t = store.trajectory("t")
+        assert json.loads(t.task) == {"a dict": [1, 2]} and t.output == {"x": "inf"} and t.reason == "nul\ufffd"
+        assert store.rewards("t")[0].info == {"nan": "nan", "set": [3]}
+        assert store.events("t")[1].data == {"obj": "not JSON"}
+
+
+# -- content addressing ------------------------------------------------------------------------------------
+def test_the_same_large_message_is_stored_once(url):
+    big = {"role": "system", "content": "You are a careful agent. " * 8000}  # 200 KB
+    with Store(url) as store:
+        store.run_started("r", {})
+        for i in range(50):
+            store.trajectory_started(f"t{i}", "r", "a", {"task": None})
+            store.message(f"t{i}", big)
+        store.flush()
+        counts = store.counts()
+        assert counts["nodes"] == 50 and counts["blobs"] == 2  # the text, and {"role": "system", "content": null}
+        with store.engine.connect() as c:
+            sizes = sorted(c.execute(select(blobs.c.size)).scalars())
+        assert sizes[-1] == len(big["content"].encode()) and sizes[0] < 100
+        assert all(store.messages(f"t{i}")[0].message == big for i in (0, 49))
+    if "://" not in url:
+        assert os.path.getsize(url) < 1_000_000
+
+
+# -- forks -------------------------------------------------------------------------------------------------
+def test_a_fork_is_a_branch_sharing_its_prefix(url):
+    msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a1"}, {"role": "user", "content": "more"},
+            {"role": "assistant", "content": "a2"}]
+    with Store(url) as store:
+        store.run_started("r", {})
+        store.trajectory_started("A", "r", "a", {"task": "q"})
+        for m in msgs:
+            store.message("A", m)
+        store.flush()
+        path_a = store.messages("A")
+        root, k = path_a[0], path_a[2]
+        assert root.parent_id is None and [n.seq for n in path_a] == [0, 1, 2, 3, 4]
+
+        fork = [{"role": "user", "content": "something else"}, {"role": "assistant", "content": "b2"}]
+        store.trajectory_started("B", "r", "a", {"task": "q", "parent_node": k.id})
+        for m in fork:
+            store.message("B", m)
+        store.trajectory_started("C", "r", "a", {"task": "q", "parent_node": 10 ** 12})  # no such node
+        store.message("C", {"role": "user", "content": "alone"})
+        store.flush()
+
+        b = store.trajectory("B")
+        assert (b.parent_trajectory_id, b.fork_node_id) == ("A", k.id)
+        path_b = store.messages("B")
+        assert [n.message for n in path_b] == msgs[:3] + fork
+        assert [n.id for n in path_b[:3]] == [n.id for n in path_a[:3]] and path_b[3].parent_id == k.id
+        assert [n.trajectory_id for n in path_b] == ["A"] * 3 + ["B"] * 2
+
+        branches = store.branches(root.id)
+        assert [[n.id for n in p] for p in branches] == [[n.id for n in path_a], [n.id for n in path_b]]
+        assert store.branches(k.id) == branches  # through a middle node: the same full paths
+        assert [n.id for n in store.children(k.id)] == [path_a[3].id, path_b[3].id]
+        assert store.children(path_a[-1].id) == [] and store.node(k.id) == k
+
+        c = store.trajectory("C")
+        assert c.parent_trajectory_id is None and store.messages("C")[0].parent_id is None
+        [started] = [e for e in store.events("C") if e.kind == "trajectory_started"]
+        assert "not a node of this store" in started.data["fork_error"]
+
+
+# -- versions, reopening, closing ------------------------------------------------------------------------
+def test_another_schema_version_is_refused_with_what_to_do(url):
+    Store(url).close()
+    engine = create_engine(url if "://" in url else f"sqlite:///{url}")
+    with engine.begin() as c:
+        c.execute(update(meta).where(meta.c.key == "schema_version").values(value="999"))
+    engine.dispose()
+    for opener in (Store, StoreReader):
+        with pytest.raises(StoreVersionError) as info:
+            opener(url)
+        text = str(info.value)
+        assert "schema version 999" in text and f"reads version {SCHEMA_VERSION}" in text and "new file" in text
+
+
+def test_reopening_marks_unfinished_runs_interrupted(url):
+    first = Store(url)
+    first.run_started("r1", {})
+    first.trajectory_started("done", "r1", "a", {"task": "x"})
+    first.trajectory_started("cut", "r1", "a", {"task": "y"})
+    first.message("cut", {"role": "user", "content": "y"})
+    first.trajectory_finished("done", result_for("done"))
+    first.run_started("r2", {})
+    first.run_finished("r2", "finished", {"agents": 0})
+    first.flush()
+    # a new process opening the file while r1 is still `running`: the one that wrote it is gone
+    with Store(url) as second:
+        assert second.interrupted == ["r1"]
+        assert [(r.id, r.status) for r in second.runs()] == [("r1", "interrupted"), ("r2", "finished")]
+        assert second.trajectory("cut").status == "interrupted" and second.trajectory("done").status == "done"
+        [event] = [e for e in second.events(run_id="r1") if e.kind == "interrupted"]
+        assert event.trajectory_id is None and event.data["trajectories"] == 1
+        recorded = second.recorded()
+    first.close()  # nothing left to mark: r1 is interrupted already
+    with StoreReader(url) as reader:
+        assert len([e for e in reader.events() if e.kind == "interrupted"]) == 1 and reader.recorded() == recorded
+
+
+def test_close_marks_what_this_store_left_unfinished(url):
+    store = Store(url)
+    store.run_started("r", {})
+    store.trajectory_started("t", "r", "a", {"task": None})
+    store.close()
+    store.close()  # idempotent
+    with StoreReader(url) as reader:
+        assert reader.run("r").status == "interrupted" and reader.trajectory("t").status == "interrupted"
+        assert "closed" in reader.trajectory("t").reason
+        with pytest.raises(KeyError, match="no run 'nope'"):
+            reader.run("nope")
+
+
+# -- flush, concurrency ------------------------------------------------------------------------------------
+def test_flush_waits_for_exactly_what_was_queued(url, caplog):
+    with Store(url, flush_interval=30.0, batch_size=50) as store:  # the idle writer would sleep 30 s
+        store.run_started("r", {})
+        store.trajectory_started("t", "r", "a", {"task": None})
+        for i in range(498):
+            store.message("t", {"role": "user", "content": f"m{i}"})
+        started = time.monotonic()
+        assert store.flush() is True
+        assert time.monotonic() - started < 10
+        assert store.flushed_events == 500 == store.recorded() == store.stats().written
+        assert len(store.messages("t")) == 498
+        assert store.flush(timeout=0.5) is True  # nothing new: at once
+
+        async def more() -> None:
+            store.message("t", {"role": "assistant", "content": "async"})
+            await store.aflush()
+        asyncio.run(more())
+        assert store.flushed_events == 501
+    store.message("t", {"role": "user", "content": "too late"})  # after close: dropped, with a warning
+    assert store.flush() is True and "dropped" in caplog.text
+
+
+def test_a_reader_sees_a_consistent_growing_store_while_the_writer_writes(url):
+    with Store(url, batch_size=20, flush_interval=0.005) as store, StoreReader(url) as reader:
+        store.run_started("r", {})
+        store.trajectory_started("t", "r", "a", {"task": None})
+        store.flush()
+        seen = []
+        for i in range(40):
+            for j in range(25):
+                store.message("t", {"role": "user", "content": f"{i}.{j}"})
+            path = reader.messages("t")  # whatever is committed: always a whole path from the root
+            assert [n.seq for n in path] == list(range(len(path)))
+            seen.append(len(path))
+            time.sleep(0.002)
+        store.flush()
+        assert seen == sorted(seen) and len(reader.messages("t")) == 1000
+        assert reader.counts() == store.counts()
+
+
+def test_the_reader_is_read_only(url):
+    Store(url).close()
+    with StoreReader(url) as reader, pytest.raises(Exception):
+        with reader.engine.begin() as c:
+            c.execute(meta.insert(), [{"key": "x", "value": "y"}])
+
+
+def test_missing_file_and_folder_are_clear_errors(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        StoreReader(tmp_path / "nothing.db")
+    with pytest.raises(StoreError, match="create it first"):
+        Store(tmp_path / "no" / "such" / "folder.db")
+    with pytest.raises(ValueError, match="batch_size=0"):
+        Store(tmp_path / "x.db", batch_size=0)
+
+
+# -- import weight and the benchmark ----------------------------------------------------------------------
+def test_importing_the_store_stays_light():
+    code = "import json, sys; import agentrt.store; print(json.dumps(sorted(sys.modules)))"
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                           check=True).stdout))
+    assert not {"torch", "textual", "agentrt.model"} & loaded
+
+
+def test_bench_store_reports_throughput_lag_and_size():
+    result = CliRunner().invoke(cli, ["bench", "store", "--agents", "50", "--turns", "3"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "runtime alone" in out and "runtime + store" in out
+    assert "store events/s written:" in out and "target >= 20,000" in out
+    assert "event-loop lag p99 with the store:" in out and "target < 10 ms" in out
+    row = next(line for line in out.splitlines() if line.startswith("runtime + store")).split()
+    assert row[3:6] == ["50", "3", "50"]  # agents, turns, completed
+    events = int(row[8].replace(",", ""))
+    assert events == 2 + 50 * (1 + 2 + 4 * 3 + 2 + 1)  # run start/end; per agent: start, system and user
+    #                                                     messages, 4 calls per tool turn, the answer (2), end
+    assert float(row[-2]) > 0  # file MB

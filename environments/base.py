@@ -103,8 +103,11 @@ async def run_environment(rt: Any, env: Environment, *, seed: int = 0, policy: s
     try:
         results = await rt.run(items)
     finally:
-        ticks.cancel()
+        if not ticks.done():
+            ticks.cancel()
         await asyncio.gather(ticks, return_exceptions=True)
+    if not ticks.cancelled() and ticks.exception() is not None:
+        raise RuntimeError(f"the {env.name} world's tick loop failed") from ticks.exception()
     for seat, result in zip(seats, results):
         value = env.reward(seat.id)
         result.rewards[env.name] = value
@@ -120,3 +123,21 @@ def _leaving(env: Environment, seat_id: str, policy: Policy) -> Policy:
         finally:
             env.leave(seat_id)
     return seat
+
+
+def play_until_done(env: Environment) -> Policy:
+    """The model's tool loop for a ticked world: every turn must call one tool (the engine constrains
+    the call to the tools' schemas) until `env.done`, then one answer without tools. The built-in
+    loop stops at the first turn without a call, which for a weak model comes long before the end.
+    """
+    from agentrt.agent import MaxTurns
+
+    async def play(ctx) -> str:
+        for _ in range(ctx.agent.max_turns):
+            if env.done:
+                return (await ctx.chat(tools=False)).content
+            reply = await ctx.chat(require_call=True, parallel_calls=False)
+            ctx.reject_calls(reply.errors)  # a call that did not parse: the model is told what was wrong
+            await ctx.call_tools(reply.tool_calls)
+        raise MaxTurns(f"{ctx.agent.max_turns} turns before the world was done")
+    return play

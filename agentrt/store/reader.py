@@ -183,15 +183,23 @@ class StoreReader:
             raise KeyError(f"no run {run_id!r} in {self}")
         return RunRecord(**rows[0]._mapping)
 
+    def _trajectory_query(self):
+        """Trajectories with `reward` summed from the rewards table, so rewards a world records
+        after the agent finished (multi-agent worlds score at the end) count too."""
+        total = (select(func.coalesce(func.sum(rewards.c.value), 0.0))
+                 .where(rewards.c.trajectory_id == trajectories.c.id).scalar_subquery())
+        cols = [c for c in trajectories.c if c.name != "reward"]
+        return select(*cols, total.label("reward"))
+
     def trajectories(self, run_id: str | None = None) -> list[TrajectoryRecord]:
         """The trajectories of one run (of all runs when None), in the order they started."""
-        q = select(trajectories).order_by(trajectories.c.started, trajectories.c.id)
+        q = self._trajectory_query().order_by(trajectories.c.started, trajectories.c.id)
         if run_id is not None:
             q = q.where(trajectories.c.run_id == run_id)
         return [TrajectoryRecord(**r._mapping) for r in self._all(q)]
 
     def trajectory(self, trajectory_id: str) -> TrajectoryRecord:
-        rows = self._all(select(trajectories).where(trajectories.c.id == trajectory_id))
+        rows = self._all(self._trajectory_query().where(trajectories.c.id == trajectory_id))
         if not rows:
             raise KeyError(f"no trajectory {trajectory_id!r} in {self}")
         return TrajectoryRecord(**rows[0]._mapping)

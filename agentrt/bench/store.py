@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from agentrt.bench.tables import markdown_table, text_table
+
 from agentrt.bench.agents import LagProbe, lookup
 
 
@@ -142,9 +144,7 @@ HEADER = ["contestant", "agents", "tool turns each", "completed", "wall s", "age
 
 
 def format_text(report: Report) -> str:
-    table = [HEADER] + rows(report)
-    widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
+    lines = text_table(HEADER, rows(report))
     lines.append("")
     lines += [f"{text}: {'PASS' if ok else 'FAIL'}" for text, ok in targets(report)]
     m = report.machine
@@ -155,7 +155,4 @@ def format_text(report: Report) -> str:
 
 
 def format_markdown(report: Report, command: str) -> str:
-    lines = [f"```\n{command}\n```", "", "| " + " | ".join(HEADER) + " |",
-             "| " + " | ".join(["---"] + ["---:"] * (len(HEADER) - 1)) + " |"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows(report)]
-    return "\n".join(lines)
+    return markdown_table(command, HEADER, rows(report))

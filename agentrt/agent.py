@@ -183,7 +183,8 @@ class AgentContext:
             if call.id in self._call_ids:
                 call.id = f"call_{self.spent.turns}_{i}"
             self._call_ids.add(call.id)
-        self.recorder.model_call(self.trajectory_id, reply, {"options": opts, "turn": self.spent.turns})
+        self.recorder.model_call(self.trajectory_id, reply, {"options": opts, "turn": self.spent.turns,
+                                                             "tools": schemas})
         self.last_action = f"called {len(reply.tool_calls)} tools" if reply.tool_calls else "answered"
         return reply
 

@@ -14,6 +14,7 @@ from typing import Any
 from .base import Environment, Policy, Seat, play_until_done, run_environment
 
 _WORLDS = {
+    "TrajectoryEnv": "agentrt.environments.trajectory",
     "LogisticsWorld": "agentrt.environments.logistics",
     "ChurnWorld": "agentrt.environments.churn",
     "FleetWorld": "agentrt.environments.fleet",

@@ -88,6 +88,7 @@ async def run_environment(rt: Any, env: Environment, *, seed: int = 0, policy: s
     """
     from agentrt import Agent
     from agentrt.agent import tool_loop
+    from agentrt.runtime import Episode
 
     seats = env.reset(seed)
     items = []
@@ -98,7 +99,8 @@ async def run_environment(rt: Any, env: Environment, *, seed: int = 0, policy: s
         inner = inner or template.policy or tool_loop
         fields.update(name=seat.id, instructions=seat.instructions, tools=list(seat.tools),
                       policy=_leaving(env, seat.id, inner))
-        items.append((template.model_copy(update=fields), seat.task))
+        meta = {"environment": env.name, "seed": seed, "seat": seat.id, **getattr(seat, "meta", {})}
+        items.append(Episode(template.model_copy(update=fields), seat.task, messages=seat.messages, meta=meta))
     ticks = asyncio.create_task(env.run_ticks())
     try:
         results = await rt.run(items)

@@ -263,12 +263,14 @@ class StoreReader:
         with self.engine.connect() as c:
             rows = c.execute(q).all()
             raw = self._blobs(c, [(r.reply, r.prompt_ids, r.token_ids, r.logprobs, r.options, r.node_message,
-                                   r.node_content) for r in rows])
+                                   r.node_content, _tools_ref(r.meta)) for r in rows])
         out = []
         for r in rows:
             m = dict(r._mapping)
             reply = (_message(raw, m.pop("node_message"), m.pop("node_content")) if r.node_id is not None
                      else _decode(raw, r.reply))
+            if (ref := _tools_ref(m["meta"])) is not None:
+                m["meta"] = {**m["meta"], "tools": _decode(raw, ref)}  # the schemas offered to the model
             m.update(reply=reply, options=_decode(raw, r.options), prompt_ids=_decode(raw, r.prompt_ids) or [],
                      token_ids=_decode(raw, r.token_ids) or [], logprobs=_decode(raw, r.logprobs) or [])
             m.pop("node_message", None), m.pop("node_content", None)
@@ -339,6 +341,11 @@ class StoreReader:
             q = select(blobs.c.hash, blobs.c.kind, blobs.c.data).where(blobs.c.hash.in_(wanted[i:i + IN_CHUNK]))
             out.update((h, (kind, data)) for h, kind, data in c.execute(q))
         return out
+
+
+def _tools_ref(meta: Any) -> str | None:
+    tools = meta.get("tools") if isinstance(meta, dict) else None
+    return tools.get("blob") if isinstance(tools, dict) else None
 
 
 def _decode(raw: dict[str, tuple[str, bytes]], h: str | None) -> Any:

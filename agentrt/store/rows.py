@@ -70,6 +70,7 @@ class Rows:
         self._known_runs: set[str] = set()
         self._known_blobs: set[str] = set()
         self._option_blobs: dict[tuple, str] = {}
+        self._tool_blobs: dict[int, tuple[list, str]] = {}  # id(list) -> (the list, kept alive; its blob)
         self._next_id = self._id_end = 0
         self._handlers = {kind: getattr(self, "_on_" + kind) for kind in KINDS}
 
@@ -179,6 +180,8 @@ class Rows:
                        token_ids: tuple[int, ...], logprobs: tuple[float, ...], seconds: float, meta: dict) -> None:
         st = self._traj(tid, at)
         options = self._options(meta.pop("options", None))
+        if meta.get("tools"):  # the schemas offered: one blob, shared by every call that offered them
+            meta["tools"] = {"blob": self._tools_blob(meta["tools"])}
         row = {"id": self._id(), "trajectory_id": tid, "node_id": None, "reply": None,
                "prompt_ids": self._array(encode_ints, prompt_ids), "token_ids": self._array(encode_ints, token_ids),
                "logprobs": self._array(encode_floats, logprobs), "finish_reason": finish_reason,
@@ -315,6 +318,16 @@ class Rows:
 
     def _text_blob(self, text: str) -> str:
         return self._blob("text", text.encode("utf-8", "surrogatepass"))
+
+    def _tools_blob(self, tools: list) -> str:
+        """The blob of a tool-schema list; a trajectory passes the same list object every call."""
+        key = id(tools)
+        found = self._tool_blobs.get(key)
+        if found is None or found[0] is not tools or found[1] not in self._known_blobs:
+            if len(self._tool_blobs) > KNOWN_OPTIONS:
+                self._tool_blobs.clear()
+            found = self._tool_blobs[key] = (tools, self._json_blob(tools))
+        return found[1]
 
     def _json_blob(self, value: Any) -> str:
         return self._blob("json", dumps(value).encode("utf-8", "surrogatepass"))

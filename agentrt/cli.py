@@ -150,5 +150,57 @@ def bench_store(agents: int, turns: int, batch_size: int, url: str | None, markd
         click.echo("\n" + store_markdown(report, shlex.join(map(str, command))))
 
 
+def _reader(db: Path):
+    from agentrt.store import StoreReader
+
+    if "://" not in str(db) and not db.exists():
+        raise click.BadParameter(f"{db} does not exist; pass the SQLite file a run recorded "
+                                 "(e.g. runs/logistics.db) or a SQLAlchemy URL", param_hint="DB")
+    return StoreReader(db if "://" not in str(db) else str(db))
+
+
+@cli.command("export")
+@click.argument("db", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--run", "run_id", default=None, help="only the branches of this run (default: every run)")
+def export(db: Path, out: Path, run_id: str | None) -> None:
+    """Write the trajectories of DB to OUT as JSONL for RL trainers: one line per root-to-leaf
+    branch (messages, tools, the engine's token ids and logprobs, a loss mask, rewards; see
+    docs/export.md)."""
+    from agentrt.export import export_jsonl
+
+    with _reader(db) as reader:
+        if run_id is not None:
+            try:
+                reader.run(run_id)
+            except KeyError:
+                raise click.BadParameter(f"no run {run_id!r} in {db}; runs: "
+                                         f"{', '.join(r.id for r in reader.runs()) or '(none)'}", param_hint="--run")
+        lines = export_jsonl(reader, out, run_id=run_id)
+    click.echo(f"{lines} branches written to {out}")
+
+
+@cli.command("replay")
+@click.argument("db", type=click.Path(path_type=Path))
+@click.argument("trajectory", required=False)
+def replay(db: Path, trajectory: str | None) -> None:
+    """Show a recorded TRAJECTORY of DB as a transcript; without one, list the runs and their
+    trajectories. (A trajectory id may be given by any unique prefix.)"""
+    from agentrt.replay import render
+
+    with _reader(db) as reader:
+        if trajectory is None:
+            for run in reader.runs():
+                click.echo(f"run {run.id}  {run.status}")
+                for t in reader.trajectories(run.id):
+                    click.echo(f"  {t.id}  {t.agent:<16} {t.status or '-':<10} reward {t.reward or 0:g}")
+            return
+        matches = [t.id for t in reader.trajectories() if t.id.startswith(trajectory)]
+        if len(matches) != 1:
+            raise click.BadParameter(f"{trajectory!r} matches {len(matches)} trajectories in {db}; "
+                                     "run `agentrt replay DB` to list them", param_hint="TRAJECTORY")
+        click.echo(render(reader, matches[0]))
+
+
 def main() -> None:
     cli(prog_name="agentrt")

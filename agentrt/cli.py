@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import click
+from click.core import ParameterSource
 
 from agentrt import __version__
 from agentrt.bench.engine import CONTESTANTS  # light: the module imports torch only when a benchmark runs
@@ -200,6 +203,298 @@ def replay(db: Path, trajectory: str | None) -> None:
             raise click.BadParameter(f"{trajectory!r} matches {len(matches)} trajectories in {db}; "
                                      "run `agentrt replay DB` to list them", param_hint="TRAJECTORY")
         click.echo(render(reader, matches[0]))
+
+
+# -- run, watch, serve ------------------------------------------------------------------------------
+WORLDS = ("logistics", "churn", "fleet")
+TARGET_FORMS = ("a Python script (e.g. examples/calculator.py), a world (logistics, churn, fleet), "
+                "or module:attribute naming an agentrt.Agent or a list of them (e.g. mypkg.agents:calc)")
+SCRIPT_OPTIONS = ("model", "seed", "db", "policy")  # forwarded to a script target when given
+DISPLAY_HELP = ("live display: tui (a terminal), plain (summary lines; the default when stdout is not a terminal) "
+                "or none")
+
+
+def _default_display(display: str | None) -> str:
+    return display or ("tui" if sys.stdout.isatty() else "plain")
+
+
+def _model(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value != "tiny" and not Path(value).exists():
+        raise click.BadParameter(f"{value!r} is neither 'tiny' nor an existing checkpoint directory")
+    return value
+
+
+@cli.command("run", context_settings={"ignore_unknown_options": True})
+@click.argument("target")
+@click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--model", default="tiny", callback=_model, help="'tiny' (the embedded model) or a checkpoint directory")
+@click.option("--db", default=None, help="SQLite file (or SQLAlchemy URL) for trajectories, '' for none "
+                                         "[default: runs/<world or attribute>.db]")
+@click.option("--display", type=click.Choice(["tui", "plain", "none"]), default=None, help=DISPLAY_HELP)
+@click.option("--interval", type=click.FloatRange(min=0.05), default=2.0, help="seconds between plain display lines")
+@click.option("--seed", type=int, default=0, help="world and sampling seed")
+@click.option("--agents", type=click.IntRange(min=1), default=None,
+              help="logistics: trucks (default 16); churn, fleet: worlds run side by side (default 1); "
+                   "module:attribute: copies of each agent (default 1)")
+@click.option("--policy", type=click.Choice(["model", "baseline"]), default="model",
+              help="worlds: the model's tool loop, or the world's scripted baseline (loads no model)")
+@click.option("--task", default=None, help="module:attribute targets: the task given to every agent")
+@click.pass_context
+def run(ctx: click.Context, target: str, script_args: tuple[str, ...], model: str, db: str | None,
+        display: str | None, interval: float, seed: int, agents: int | None, policy: str, task: str | None) -> None:
+    """Run TARGET: a script, a world, or agents named by module:attribute.
+
+    \b
+    agentrt run logistics --policy baseline           a world: logistics, churn or fleet
+    agentrt run mypkg.agents:calc --task "2 + 3?"     an agentrt.Agent, or a list of them
+    agentrt run examples/calculator.py --seed 3       a script, run in this process (runpy)
+
+    A script runs as __main__ with the options `run` does not know as its sys.argv, plus --model,
+    --seed, --db and --policy when given (the examples share them); everything after `--` is passed
+    verbatim. Worlds and agents record into --db and end with a summary; --display chooses what is
+    shown while they run.
+    """
+    kind = _target_kind(target)
+    if kind == "script":
+        given = [name for name in SCRIPT_OPTIONS if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+        _run_script(Path(target), [*script_args, *(f"--{name}={ctx.params[name]}" for name in given)])
+        return
+    if script_args:
+        raise click.BadParameter(f"unexpected arguments {' '.join(script_args)!r}: only a script target takes "
+                                 "arguments after TARGET", param_hint="TARGET")
+    if kind == "world":
+        if task is not None:
+            raise click.BadParameter("a world sets each agent's task itself; --task is for module:attribute targets",
+                                     param_hint="--task")
+        name, items = target, None
+    else:
+        if policy == "baseline":
+            raise click.BadParameter("--policy baseline is for worlds; a module:attribute agent acts on the model",
+                                     param_hint="--policy")
+        name, items = target.rpartition(":")[2], _agents(target, agents or 1, task)
+    db = f"runs/{name}.db" if db is None else db
+    display = _default_display(display)
+    import asyncio
+
+    try:
+        summary = asyncio.run(_run_target(target, items, model, db, display, interval, seed, agents, policy))
+    except KeyboardInterrupt:
+        raise click.ClickException(f"interrupted; what was recorded is in {db or '(nothing: --db was empty)'}")
+    click.echo(summary)
+
+
+def _target_kind(target: str) -> str:
+    if target in WORLDS:
+        return "world"
+    if target.endswith(".py") or Path(target).is_file():
+        if not Path(target).is_file():
+            raise click.BadParameter(f"no script {target!r} (the file does not exist); TARGET is {TARGET_FORMS}",
+                                     param_hint="TARGET")
+        return "script"
+    module, sep, attr = target.partition(":")
+    if sep and module and attr:
+        return "agents"
+    raise click.BadParameter(f"{target!r} is not a target; TARGET is {TARGET_FORMS}", param_hint="TARGET")
+
+
+def _run_script(path: Path, args: list[str]) -> None:
+    """Run a script as __main__ in this process, with sys.argv and sys.path[0] as python would set them."""
+    import runpy
+
+    argv, syspath = sys.argv[:], sys.path[:]
+    sys.argv, sys.path[0:0] = [str(path), *args], [str(path.resolve().parent)]
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise click.exceptions.Exit(e.code if isinstance(e.code, int) else 1)
+    finally:
+        sys.argv, sys.path[:] = argv, syspath
+
+
+def _agents(target: str, copies: int, task: str | None) -> list:
+    """The (agent, task) pairs named by module:attribute (dotted attributes allowed)."""
+    import importlib
+
+    from agentrt import Agent
+
+    module_name, _, attr = target.partition(":")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        value: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise click.BadParameter(f"cannot import module {module_name!r} of {target!r} ({e}); TARGET is "
+                                 f"{TARGET_FORMS}", param_hint="TARGET")
+    for part in attr.split("."):
+        if not hasattr(value, part):
+            raise click.BadParameter(f"module {module_name!r} has no attribute {attr!r}", param_hint="TARGET")
+        value = getattr(value, part)
+    found = [value] if isinstance(value, Agent) else list(value) if isinstance(value, (list, tuple)) else None
+    if not found or not all(isinstance(a, Agent) for a in found):
+        raise click.BadParameter(f"{target!r} is {type(value).__name__} {value!r:.80}, not an agentrt.Agent or a "
+                                 "list of them", param_hint="TARGET")
+    return [(a, task) for a in found for _ in range(copies)]
+
+
+async def _run_target(target: str, items: list | None, model: str, db: str, display: str, interval: float,
+                      seed: int, agents: int | None, policy: str) -> str:
+    """Run a world or agents with a store and a display; returns the final summary."""
+    import asyncio
+    import time
+
+    from agentrt import Runtime, ScriptedModel
+    from agentrt.display import format_summary, progress_from_results
+
+    store = _open_store(db)
+    worlds: list = []
+    try:
+        spec = ScriptedModel(lambda m, t: "done", name="baseline") if policy == "baseline" and items is None else model
+        async with Runtime(model=spec, recorder=store) as rt:
+            if items is None:
+                worlds = _worlds(target, agents)
+                work = asyncio.gather(*(_play(rt, w, seed + i, policy) for i, w in enumerate(worlds)))
+            else:
+                work = rt.run(items)
+            started = time.monotonic()
+            outcome = await _show(rt, work, display, interval)
+            seconds = time.monotonic() - started
+            results = [r for group in outcome for r in group] if items is None else outcome
+            stats = rt.model.stats() if hasattr(rt.model, "stats") else None
+    finally:
+        for w in worlds:
+            w.close()
+        if store is not None:
+            await asyncio.to_thread(store.close)  # writes what is still queued
+    run_id = rt.last_summary.run_id if rt.last_summary and len(worlds) <= 1 else None
+    where = db
+    if store is not None:
+        from agentrt.store import StoreReader
+
+        with StoreReader(db) as reader:
+            where = f"{db} ({len(reader.trajectories())} trajectories in the store)"
+    summary = format_summary(progress_from_results(results, seconds, run_id), title=f"{target} ({rt.model.name})",
+                             db=where)
+    if stats is not None and hasattr(stats, "prefix_hit_rate"):
+        summary += f"\nengine: prefix-cache hit rate {stats.prefix_hit_rate:.1%}"
+    return summary
+
+
+def _open_store(db: str):
+    if not db:
+        return None
+    from agentrt.store import Store
+
+    if "://" not in db:
+        Path(db).parent.mkdir(parents=True, exist_ok=True)
+    return Store(db)
+
+
+def _worlds(target: str, agents: int | None) -> list:
+    from agentrt.environments import ChurnWorld, FleetWorld, LogisticsWorld
+
+    if target == "logistics":
+        return [LogisticsWorld(trucks=agents or 16)]
+    return [(ChurnWorld if target == "churn" else FleetWorld)() for _ in range(agents or 1)]
+
+
+async def _play(rt, world, seed: int, policy: str) -> list:
+    from agentrt.environments import Environment, play_until_done, run_environment
+
+    if policy == "baseline":
+        return await run_environment(rt, world, seed=seed, policy="baseline")
+    from agentrt import Sampling
+
+    ticked = type(world).advance is not Environment.advance  # ticked worlds need a call every turn
+    return await run_environment(rt, world, seed=seed, policy=play_until_done(world) if ticked else None,
+                                 sampling=Sampling(seed=seed))
+
+
+async def _show(rt, work, display: str, interval: float):
+    """Await `work` under the chosen display: the TUI app (when it is built), plain lines, or nothing."""
+    if display == "tui":
+        app = _tui_app(lambda data: data.RuntimeSource(rt))
+        if app is not None:
+            import asyncio
+
+            work = asyncio.ensure_future(work)
+            await app.run_async()  # until the user quits it; a run still going on continues in plain lines
+            if work.done():
+                return work.result()
+        display = "plain"
+    if display == "plain":
+        from agentrt.display import PlainDisplay
+
+        return await PlainDisplay(rt, interval=interval).run_while(work)
+    return await work
+
+
+def _tui_app(source: Callable[[Any], Any]):
+    """`agentrt.tui.app.make_app(source(agentrt.tui.data))`, or None (with a note) when the TUI is not available."""
+    try:
+        from agentrt.tui import data
+        from agentrt.tui.app import make_app
+
+        return make_app(source(data), refresh_hz=3.0)
+    except ImportError as e:
+        click.echo(f"note: the TUI is not available ({e}); showing the plain display", err=True)
+        return None
+
+
+@cli.command("watch")
+@click.argument("db", required=False, type=click.Path(path_type=Path))
+@click.option("--display", type=click.Choice(["tui", "plain"]), default=None, help=DISPLAY_HELP.replace(" or none", ""))
+@click.option("--run", "run_id", default=None, help="the run to watch [default: the newest run in DB]")
+@click.option("--interval", type=click.FloatRange(min=0.05), default=2.0, help="seconds between polls")
+def watch(db: Path | None, display: str | None, run_id: str | None, interval: float) -> None:
+    """Watch a store that another process is writing (default DB: the newest runs/*.db): summary
+    lines until its run is finished (or Ctrl-C), then the summary."""
+    import time
+
+    from agentrt.display import PlainDisplay, format_summary, newest_run
+
+    if db is None:
+        found = sorted(Path("runs").glob("*.db"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise click.BadParameter("no runs/*.db here to watch; pass the store file a run is writing",
+                                     param_hint="DB")
+        db = found[-1]
+    reader = _reader(db)
+    try:
+        runs = [r.id for r in reader.runs()]
+        if run_id is not None and run_id not in runs:
+            raise click.BadParameter(f"no run {run_id!r} in {db}; runs: {', '.join(runs) or '(none yet)'}",
+                                     param_hint="--run")
+        if _default_display(display) == "tui":
+            app = _tui_app(lambda data: data.StoreSource(str(db), run_id=run_id))
+            if app is not None:
+                app.run()
+                return
+        while run_id is None and (run_id := newest_run(reader)) is None:
+            click.echo(f"{db}: no run recorded yet; waiting", err=True)
+            time.sleep(interval)
+        plain = PlainDisplay(reader, interval=interval, run_id=run_id)
+        try:
+            last = plain.follow()
+        except KeyboardInterrupt:
+            click.echo("stopped watching (the run goes on)", err=True)
+            return
+        click.echo(format_summary(last, title="run", db=db))
+    finally:
+        reader.close()
+
+
+@cli.command("serve")
+@click.option("--model", default="tiny", help="'tiny' (the embedded model) or a checkpoint directory")
+@click.option("--host", default="127.0.0.1", help="address to listen on")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, help="port to listen on")
+@click.option("--api-key", default=None, help="require this bearer token from clients")
+def serve(model: str, host: str, port: int, api_key: str | None) -> None:
+    """Serve the engine over an OpenAI-compatible HTTP API (not built yet)."""
+    raise click.ClickException(
+        f"`agentrt serve` is not built yet (it would serve {model!r} on http://{host}:{port}/v1); "
+        "until it lands, run agents in process with `agentrt run`, or reach an existing OpenAI-compatible "
+        "server with agentrt.RemoteEngine")
 
 
 def main() -> None:

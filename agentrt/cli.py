@@ -497,5 +497,34 @@ def serve(model: str, host: str, port: int, api_key: str | None) -> None:
         "server with agentrt.RemoteEngine")
 
 
+@bench.command("tui")
+@click.option("--agents", **_count(500, "agents running concurrently"))
+@click.option("--turns", **_count(40, "tool-loop turns per agent (model call, tool call sleeping 10-50 ms, result)"))
+@click.option("--refresh-hz", type=click.FloatRange(min=0.1), default=3.0, help="the dashboard's polls per second")
+@click.option("--markdown", is_flag=True, help="also print a table for docs/BENCHMARKS.md, with this command line")
+def bench_tui(agents: int, turns: int, refresh_hz: float, markdown: bool) -> None:
+    """What the TUI costs a run it watches: the same workload without a display, then with the
+    dashboard attached headless (120x36) in the same process and event loop.
+
+    Reports wall time, agent turns/s, event-loop lag p50/p99, the dashboard's real refresh rate and
+    what a snapshot costs to take and to apply; targets (reported, never fatal): at least 2
+    refreshes per second; the lag difference is reported.
+    """
+    from agentrt.bench.tui import format_markdown as tui_markdown
+    from agentrt.bench.tui import format_text as tui_text
+    from agentrt.bench.tui import run_benchmark as run_tui
+
+    report = run_tui(agents, turns, refresh_hz, log=lambda line: click.echo(line, err=True))
+    click.echo(tui_text(report))
+    if markdown:
+        command = ["agentrt", "bench", "tui", "--agents", agents, "--turns", turns, "--refresh-hz", f"{refresh_hz:g}",
+                   "--markdown"]
+        click.echo("\n" + tui_markdown(report, shlex.join(map(str, command))))
+
+
 def main() -> None:
     cli(prog_name="agentrt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The TUI in a real terminal: `agentrt watch DB --display tui` in a tmux pane while another process
+records a run into DB; and `agentrt bench tui` on a small workload."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("textual")
+
+from agentrt.cli import cli  # noqa: E402
+
+TMUX = shutil.which("tmux")
+AGENTS, TURNS, TOOL_DELAY = 20, 15, 0.5  # about 7.5 s of run: still going while the test watches
+
+# Records AGENTS agents x TURNS turns into argv[1], each tool call sleeping TOOL_DELAY seconds.
+WRITER = f'''
+import asyncio, sys
+from agentrt import Agent, Runtime, ScriptedModel, tool
+from agentrt.store import Store
+
+@tool
+async def slow_lookup(key: int) -> int:
+    """Look a key up, slowly.
+
+    Args:
+        key: The key.
+    """
+    await asyncio.sleep({TOOL_DELAY})
+    return key * 2
+
+def script(messages, tools):
+    done = sum(1 for m in messages if m["role"] == "tool")
+    if done < {TURNS}:
+        return {{"tool_calls": [{{"id": f"call_{{done}}", "name": "slow_lookup", "arguments": {{"key": done}}}}]}}
+    return "all keys looked up"
+
+async def main():
+    agent = Agent(name="looker", instructions="Look keys up.", tools=[slow_lookup], max_turns={TURNS + 1})
+    with Store(sys.argv[1]) as store:
+        async with Runtime(model=ScriptedModel(script), recorder=store) as rt:
+            await rt.run([(agent, f"task {{i}}") for i in range({AGENTS})])
+
+asyncio.run(main())
+'''
+
+HEADER = re.compile(r"agents (\d+)\s+finished (\d+)/(\d+)\s+tokens (\d+)")
+ROW = re.compile(r"^ looker\s+(\w+)\s+(\d+)\s+(\d+)", re.M)  # name, state, turn, tokens
+
+
+class Pane:
+    """One tmux session on a private server (its own socket: nothing of the user's is touched)."""
+
+    def __init__(self, name: str):
+        self.socket, self.name = f"agentrt-test-{name}", name
+
+    def tmux(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        # COLUMNS/LINES (pytest's, say) would override the pane's size in Textual: the server must not inherit them
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        return subprocess.run([TMUX, "-L", self.socket, "-f", "/dev/null", *args], capture_output=True, text=True,
+                              check=check, timeout=10, env=env)
+
+    def start(self, command: str) -> None:
+        # a shell first, so remain-on-exit is set before the command can end (a crash stays readable)
+        self.tmux("new-session", "-d", "-s", self.name, "-x", "120", "-y", "36")
+        self.tmux("set-option", "-t", self.name, "remain-on-exit", "on")
+        self.tmux("respawn-pane", "-k", "-t", self.name, command)
+
+    def capture(self) -> str:
+        return self.tmux("capture-pane", "-p", "-t", self.name).stdout
+
+    def showing(self, test):
+        """A predicate for `_wait_for`: the screen when `test(screen)` holds, else None."""
+        def check() -> str | None:
+            screen = self.capture()
+            return screen if test(screen) else None
+        return check
+
+    def dead(self) -> bool:
+        return self.tmux("display-message", "-p", "-t", self.name, "#{pane_dead}").stdout.strip() == "1"
+
+    def keys(self, *keys: str) -> None:
+        self.tmux("send-keys", "-t", self.name, *keys)
+
+    def kill(self) -> None:
+        where = self.tmux("display-message", "-p", "#{socket_path}", check=False).stdout.strip()
+        self.tmux("kill-server", check=False)
+        if where.endswith(self.socket):  # tmux leaves the socket file behind
+            Path(where).unlink(missing_ok=True)
+
+
+def _wait_for(predicate, timeout: float, what: str, pane: Pane | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    screen = f"\n--- pane ---\n{pane.capture()}" if pane is not None else ""
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}{screen}")
+
+
+def _counters(screen: str) -> tuple[int, int, list[int]]:
+    """(finished, tokens, the turn column) of a dashboard screen."""
+    m = HEADER.search(screen)
+    assert m is not None, f"no dashboard header on screen:\n{screen}"
+    assert int(m.group(1)) == AGENTS == int(m.group(3)), screen
+    turns = [int(t) for _, t, _ in ROW.findall(screen)]
+    return int(m.group(2)), int(m.group(4)), turns
+
+
+@pytest.mark.skipif(TMUX is None, reason="tmux is not installed: the real-terminal test needs it")
+def test_watch_tui_in_tmux_follows_a_run_another_process_writes(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    pane = Pane(uuid.uuid4().hex[:12])
+    try:
+        def run_recorded() -> bool:
+            if writer.poll() is not None:
+                raise AssertionError(f"the writer ended early ({writer.returncode}): {writer.stdout.read()}")
+            if not db.exists():
+                return False
+            from agentrt.store import StoreReader
+
+            try:
+                with StoreReader(db) as reader:
+                    return bool(reader.runs())
+            except Exception:  # the writer is still creating the schema
+                return False
+
+        _wait_for(run_recorded, 20, "the writer to record its run")
+        entry = "from agentrt.cli import main; main()"
+        pane.start(shlex.join([sys.executable, "-c", entry, "watch", str(db), "--display", "tui"]))
+
+        # the dashboard, with a row per agent
+        first = _wait_for(pane.showing(lambda s: HEADER.search(s) and len(ROW.findall(s)) >= 10), 15,
+                          "the dashboard", pane)
+        assert "turn" in first and "tools" in first and "Quit" in first, first
+        done1, tokens1, turns1 = _counters(first)
+        assert done1 < AGENTS, f"the run was over before the test could watch it:\n{first}"
+        assert "running" in first, first
+
+        # the counters move while the other process writes
+        def moved():
+            s = pane.capture()
+            done, tokens, turns = _counters(s)
+            return s if tokens > tokens1 and (done > done1 or sum(turns) > sum(turns1)) else None
+
+        later = _wait_for(moved, 8, "the dashboard's counters to grow", pane)
+        assert max(_counters(later)[2]) > min(turns1), later
+
+        # down one row, Enter: the agent view with its transcript
+        pane.keys("Down")
+        time.sleep(0.3)
+        pane.keys("Enter")
+        agent = _wait_for(pane.showing(lambda s: "→ slow_lookup(" in s and "Back" in s), 8,
+                          "the agent view with its transcript", pane)
+        assert "assistant" in agent and "tool slow_lookup" in agent and "looker" in agent, agent
+
+        # q quits the app: the pane's command ends
+        pane.keys("q")
+        _wait_for(pane.dead, 8, "the TUI to quit on q", pane)
+    finally:
+        pane.kill()
+        if writer.poll() is None:
+            writer.kill()
+        writer.wait(timeout=10)
+        if writer.stdout is not None:
+            writer.stdout.close()
+
+
+def test_bench_tui_command_reports_both_runs() -> None:
+    result = CliRunner().invoke(cli, ["bench", "tui", "--agents", "50", "--turns", "3", "--markdown"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("display"))
+    for column in ("agent turns/s", "loop lag p50 ms", "loop lag p99 ms", "refreshes/s", "snapshot p50 ms"):
+        assert column in header
+    plain = next(line for line in lines if line.startswith("no display"))
+    tui = next(line for line in lines if line.startswith("tui "))
+    assert plain.split()[2:5] == ["50", "3", "50"], plain  # agents, turns, all completed
+    assert tui.split()[1:4] == ["50", "3", "50"], tui
+    assert re.search(r"dashboard refreshes: [\d.]+/s \(asked 3/s\), target >= 2/s: (PASS|FAIL)", out), out
+    assert re.search(r"event-loop lag with the TUI - without: p50 [-+][\d.]+ ms, p99 [-+][\d.]+ ms", out), out
+    assert "agent turns/s with the TUI / without:" in out
+    assert "machine:" in out
+    assert "```\nagentrt bench tui --agents 50 --turns 3 --refresh-hz 3 --markdown\n```" in out
+    assert "| display | agents |" in out and "| tui | 50 | 3 | 50 |" in out

@@ -112,8 +112,7 @@ def _table(app) -> AgentTable:
 
 
 def _names(app) -> list[str]:
-    t = _table(app)
-    return [str(t.get_cell(key, "name")) for key in t.rows]
+    return [row.name for row in _table(app).shown_rows]
 
 
 # -- data ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Input, ProgressBar, Static
+from textual.widgets import Footer, Input, ProgressBar, Static
 
 from ..data import Snapshot
 from ..widgets.agent_table import AgentTable
@@ -75,9 +75,9 @@ class DashboardScreen(Screen):
         if tid is not None:
             self.app.open_agent(tid)
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+    def on_agent_table_row_selected(self, event: AgentTable.RowSelected) -> None:
         event.stop()
-        self.app.open_agent(event.row_key.value)
+        self.app.open_agent(event.trajectory_id)
 
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
-import platform
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Awaitable, Callable
 
+from agentrt.bench import tables
 from agentrt.bench.tables import markdown_table, text_table
 
 
@@ -145,12 +143,7 @@ def run_benchmark(agents: int, turns: int, names: list[str], log: Callable[[str]
 def machine_info() -> dict:
     import pydantic_ai
 
-    return {
-        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-        "python": platform.python_version(), "pydantic_ai": getattr(pydantic_ai, "__version__", "?"),
-        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    return tables.machine_info("pydantic-ai", getattr(pydantic_ai, "__version__", "?"))
 
 
 def targets(report: Report) -> list[tuple[str, bool]]:
@@ -182,9 +175,7 @@ def format_text(report: Report) -> str:
     lines = text_table(HEADER, rows(report))
     lines.append("")
     lines += [f"{text}: {'PASS' if ok else 'FAIL'}" for text, ok in targets(report)]
-    m = report.machine
-    lines.append(f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, pydantic-ai {m['pydantic_ai']}; "
-                 f"load average {m['load_average']:.2f} before the run; {m['date']}")
+    lines.append(tables.machine_line(report.machine))
     return "\n".join(lines)
 
 

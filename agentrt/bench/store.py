@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
-import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from agentrt.bench import tables
 from agentrt.bench.tables import markdown_table, text_table
 
 from agentrt.bench.agents import LagProbe, lookup
@@ -113,12 +111,7 @@ def run_benchmark(agents: int, turns: int, batch_size: int = 500, url: str | Non
 def machine_info() -> dict:
     import sqlalchemy
 
-    return {
-        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-        "python": platform.python_version(), "sqlalchemy": sqlalchemy.__version__,
-        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    return tables.machine_info("SQLAlchemy", sqlalchemy.__version__)
 
 
 def targets(report: Report) -> list[tuple[str, bool]]:
@@ -147,10 +140,7 @@ def format_text(report: Report) -> str:
     lines = text_table(HEADER, rows(report))
     lines.append("")
     lines += [f"{text}: {'PASS' if ok else 'FAIL'}" for text, ok in targets(report)]
-    m = report.machine
-    load = f"{m['load_average']:.2f}" if m["load_average"] is not None else "?"
-    lines.append(f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, SQLAlchemy {m['sqlalchemy']}; "
-                 f"load average {load} before the run; {m['date']}")
+    lines.append(tables.machine_line(report.machine))
     return "\n".join(lines)
 
 

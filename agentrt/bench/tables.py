@@ -17,3 +17,22 @@ def markdown_table(command: str, header: list[str], rows: list[list[str]]) -> st
              "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def machine_info(package: str, version: str, load: float | None = None) -> dict:
+    """The machine a benchmark ran on, the peer package's version, and the load before the run."""
+    import os
+    import platform
+    from datetime import datetime, timezone
+
+    if load is None and hasattr(os, "getloadavg"):
+        load = os.getloadavg()[0]
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "package": f"{package} {version}", "load_average": load,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def machine_line(m: dict) -> str:
+    load = f"{m['load_average']:.2f}" if m["load_average"] is not None else "?"
+    return (f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, {m['package']}; "
+            f"load average {load} before the run; {m['date']}")

@@ -17,13 +17,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import platform
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 from agentrt.bench.agents import LagProbe
+from agentrt.bench import tables
 from agentrt.bench.tables import markdown_table, text_table
 
 SIZE = (120, 36)
@@ -198,9 +197,7 @@ def run_benchmark(agents: int, turns: int, refresh_hz: float = 3.0,
 def machine_info(load: float | None) -> dict:
     import textual
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "textual": getattr(textual, "__version__", "?"),
-            "load_average": load, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return tables.machine_info("textual", getattr(textual, "__version__", "?"), load)
 
 
 def targets(report: Report) -> list[tuple[str, bool | None]]:
@@ -241,10 +238,7 @@ def format_text(report: Report) -> str:
     lines.append("")
     for text, ok in targets(report):
         lines.append(text if ok is None else f"{text}: {'PASS' if ok else 'FAIL'}")
-    m = report.machine
-    load = f"{m['load_average']:.2f}" if m["load_average"] is not None else "?"
-    lines.append(f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, textual {m['textual']}; "
-                 f"load average {load} before the run; {m['date']}")
+    lines.append(tables.machine_line(report.machine))
     return "\n".join(lines)
 
 

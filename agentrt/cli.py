@@ -486,15 +486,32 @@ def watch(db: Path | None, display: str | None, run_id: str | None, interval: fl
 
 @cli.command("serve")
 @click.option("--model", default="tiny", help="'tiny' (the embedded model) or a checkpoint directory")
-@click.option("--host", default="127.0.0.1", help="address to listen on")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, help="port to listen on")
-@click.option("--api-key", default=None, help="require this bearer token from clients")
-def serve(model: str, host: str, port: int, api_key: str | None) -> None:
-    """Serve the engine over an OpenAI-compatible HTTP API (not built yet)."""
-    raise click.ClickException(
-        f"`agentrt serve` is not built yet (it would serve {model!r} on http://{host}:{port}/v1); "
-        "until it lands, run agents in process with `agentrt run`, or reach an existing OpenAI-compatible "
-        "server with agentrt.RemoteEngine")
+@click.option("--host", default="127.0.0.1", help="address to listen on (loopback by default; 0.0.0.0 exposes it)")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, help="port to listen on (0: any free port)")
+@click.option("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+@click.option("--served-model-name", default=None, help="the model id clients send [default: tiny, or the "
+              "checkpoint directory's name]")
+@click.option("--max-active", type=click.IntRange(min=1), default=None,
+              help="requests in the engine at once [default: twice its max running sequences]")
+@click.option("--max-waiting", type=click.IntRange(min=0), default=1024,
+              help="requests queued beyond --max-active before new ones get HTTP 429")
+@click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=8.0,
+              help="larger request bodies get HTTP 413")
+def serve(model: str, host: str, port: int, api_key: str | None, served_model_name: str | None,
+          max_active: int | None, max_waiting: int, max_body_mb: float) -> None:
+    """Serve the engine over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions,
+    /v1/models, /health and /metrics (Prometheus). Runs until Ctrl-C or SIGTERM."""
+    if model != "tiny" and not Path(model).expanduser().is_dir():
+        raise click.BadParameter(f"{model!r} is neither 'tiny' nor a checkpoint directory", param_hint="--model")
+    from agentrt.server import ServerConfig, run_server, served_name
+
+    config = ServerConfig(model_name=served_model_name or served_name(model), api_key=api_key,
+                          max_active=max_active, max_waiting=max_waiting,
+                          max_body_bytes=int(max_body_mb * (1 << 20)))
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use the model",
+                   err=True)
+    run_server(model, host=host, port=port, config=config, announce=lambda line: click.echo(line))
 
 
 @bench.command("tui")
@@ -520,6 +537,32 @@ def bench_tui(agents: int, turns: int, refresh_hz: float, markdown: bool) -> Non
         command = ["agentrt", "bench", "tui", "--agents", agents, "--turns", turns, "--refresh-hz", f"{refresh_hz:g}",
                    "--markdown"]
         click.echo("\n" + tui_markdown(report, shlex.join(map(str, command))))
+
+
+@bench.command("serve")
+@click.option("--clients", **_count(200, "concurrent streaming clients"))
+@click.option("--seconds", type=click.FloatRange(min=1), default=60.0, help="how long the clients keep asking")
+@click.option("--max-tokens", **_count(32, "tokens generated per request"))
+@click.option("--model", default="tiny", help="'tiny' or a checkpoint directory, served by a child process")
+@click.option("--markdown", is_flag=True, help="also print a table for docs/BENCHMARKS.md, with this command line")
+def bench_serve(clients: int, seconds: float, max_tokens: int, model: str, markdown: bool) -> None:
+    """`agentrt serve` under load: concurrent streaming clients over loopback for a fixed time.
+
+    Reports requests/s, output tokens/s, time to first token, latency, the engine's mean batch size
+    and prefix-cache hit rate over the run, and every error (exit 1 if there was any).
+    """
+    from agentrt.bench.serve import format_markdown as serve_markdown
+    from agentrt.bench.serve import format_text as serve_text
+    from agentrt.bench.serve import run_benchmark as run_serve
+
+    report = run_serve(clients, seconds, max_tokens, model, log=lambda line: click.echo(line, err=True))
+    click.echo(serve_text(report))
+    if markdown:
+        command = ["agentrt", "bench", "serve", "--clients", clients, "--seconds", f"{seconds:g}",
+                   "--max-tokens", max_tokens, "--markdown"]
+        click.echo("\n" + serve_markdown(report, shlex.join(map(str, command))))
+    if report.errors:
+        raise click.exceptions.Exit(1)
 
 
 def main() -> None:

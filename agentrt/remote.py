@@ -47,11 +47,17 @@ class RemoteEngine:
     """A `ChatModel` served by an OpenAI-compatible `POST {base_url}/chat/completions` endpoint.
 
     `options.think_tokens`, when not None, is sent as `"max_thinking_tokens": N`, the field
-    NVIDIA's servers and agentrt's own accept; other servers ignore unknown fields. `timeout` bounds
+    NVIDIA's servers and agentrt's own accept, with the grace window as `"thinking_grace_tokens"`
+    (agentrt's); other OpenAI-compatible servers ignore unknown fields. `timeout` bounds
     connecting and each wait for data (time between streamed chunks; the whole generation when
     `stream=False`). Connection errors, timeouts, HTTP 429 and 5xx are retried `max_retries` times,
     waiting `backoff`, 2*`backoff`, 4*`backoff`, ... seconds (or the server's `Retry-After`), at
     most 10 s. The API key comes from `api_key` or the `OPENAI_API_KEY` environment variable.
+
+    `token_ids=True` asks the server for the exact prompt and output token ids and the sampled
+    tokens' logprobs (`return_token_ids` and `logprobs`, which agentrt's server and vLLM accept),
+    so replies carry `prompt_ids`, `token_ids` and `logprobs` as they do in process and trajectories
+    stay token-faithful. Leave it off for servers that reject unknown fields (the OpenAI API).
 
     >>> async def main():
     ...     async with RemoteEngine("http://localhost:8000/v1", "nemotron-h-8b") as model:
@@ -61,7 +67,7 @@ class RemoteEngine:
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout: float = 120.0,
                  max_retries: int = 3, headers: dict[str, str] | None = None, stream: bool = True,
-                 max_connections: int = 64, backoff: float = 0.5):
+                 max_connections: int = 64, backoff: float = 0.5, token_ids: bool = False):
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"base_url {base_url!r} is not an http(s) URL; pass e.g. 'http://localhost:8000/v1'")
@@ -73,7 +79,7 @@ class RemoteEngine:
         self.url = f"{self.base_url}/chat/completions"
         self.name = f"remote:{model}@{parts.netloc}"
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
-        self.stream, self.max_connections = stream, max_connections
+        self.stream, self.max_connections, self.token_ids = stream, max_connections, token_ids
         self.max_concurrency = max_connections  # calls the runtime lets through at once
         self.headers = _request_headers(api_key or os.environ.get("OPENAI_API_KEY"), headers, stream)
         self._session: aiohttp.ClientSession | None = None
@@ -85,6 +91,8 @@ class RemoteEngine:
         Raises `RemoteEngineError` when the server cannot be reached or refuses the request.
         """
         body = request_body(self.model, messages, tools, options, stream=self.stream)
+        if self.token_ids:
+            body.update(return_token_ids=True, logprobs=True)
         session = self._get_session()
         start = time.perf_counter()
         attempt = 0
@@ -200,6 +208,7 @@ class RemoteEngine:
             raise self._protocol_error(f"answered without choices: {_truncate(raw.decode(errors='replace'))}")
         acc = _Accumulator()
         acc.add_delta(choices[0].get("message") or {})
+        acc.add_tokens(choices[0], data)
         acc.finish_reason = choices[0].get("finish_reason")
         acc.add_usage(data.get("usage"))
         return acc.reply()
@@ -243,7 +252,8 @@ def request_body(model: str, messages: list[dict], tools: list[dict] | None, opt
     if options.stop:
         body["stop"] = list(options.stop)
     if options.think_tokens is not None:
-        body["max_thinking_tokens"] = options.think_tokens  # vendor field: agentrt's server reads it
+        body["max_thinking_tokens"] = options.think_tokens  # vendor fields: agentrt's server reads both
+        body["thinking_grace_tokens"] = options.think_grace
     if stream:
         body["stream_options"] = {"include_usage": True}
     return body
@@ -302,14 +312,29 @@ class _Accumulator:
         self.finish_reason: str | None = None
         self.usage = Usage()
         self.received = False
+        self.prompt_ids: list[int] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
 
     def add_chunk(self, event: dict) -> None:
         self.received = True
         for choice in event.get("choices") or []:
             if isinstance(choice, dict) and choice.get("index", 0) == 0:
                 self.add_delta(choice.get("delta") or {})
+                self.add_tokens(choice, event)
                 self.finish_reason = choice.get("finish_reason") or self.finish_reason
         self.add_usage(event.get("usage"))
+
+    def add_tokens(self, choice: dict, event: dict) -> None:
+        """Token ids and logprobs, where the server sends them (`return_token_ids`, `logprobs`)."""
+        if isinstance(event.get("prompt_token_ids"), list):
+            self.prompt_ids = event["prompt_token_ids"]
+        if isinstance(choice.get("token_ids"), list):
+            self.token_ids = choice["token_ids"]
+        content = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
+        for entry in content or []:
+            if isinstance(entry, dict) and isinstance(entry.get("logprob"), (int, float)):
+                self.logprobs.append(float(entry["logprob"]))
 
     def add_delta(self, delta: dict) -> None:
         if delta.get("content"):
@@ -345,7 +370,8 @@ class _Accumulator:
 
     def reply(self) -> ChatReply:
         reply = ChatReply(content="".join(self.content), reasoning="".join(self.reasoning) or None,
-                          usage=self.usage)
+                          usage=self.usage, prompt_ids=list(self.prompt_ids), token_ids=list(self.token_ids),
+                          logprobs=list(self.logprobs))
         for n, index in enumerate(sorted(self.calls)):
             slot = self.calls[index]
             call_id, arguments = slot["id"] or f"call_{n}", _parse_arguments(slot["arguments"])

@@ -97,7 +97,10 @@ def test_env_var_overrides_option(tmp_path):
     (["watch", "missing.db"], "missing.db does not exist"),
     (["watch", "--display", "none"], "'none' is not one of 'tui', 'plain'"),
     (["watch", "--interval", "0"], "0 is not in the range x>=0.05"),
-    (["serve", "--port", "0"], "0 is not in the range 1<=x<=65535"),
+    (["serve", "--port", "70000"], "70000 is not in the range 0<=x<=65535"),
+    (["serve", "--model", "/no/such/checkpoint"], "neither 'tiny' nor a checkpoint directory"),
+    (["serve", "--max-active", "0"], "0 is not in the range x>=1"),
+    (["bench", "serve", "--clients", "0"], "0 is not in the range x>=1"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_arguments_exit_2(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -135,11 +138,28 @@ def test_watch_unknown_run(logistics_db):
     assert r.exit_code == 2 and "no run 'nope'" in r.output
 
 
-def test_serve_is_a_stub():
-    r = invoke("serve", "--port", "8123")
-    assert r.exit_code == 1
-    assert "`agentrt serve` is not built yet" in r.output and "http://127.0.0.1:8123/v1" in r.output
-    assert "Traceback" not in r.output
+def test_serve_passes_its_options_and_environment_to_the_server(monkeypatch):
+    import agentrt.server
+
+    seen = {}
+    monkeypatch.setattr(agentrt.server, "run_server", lambda model, **kw: seen.update(model=model, **kw))
+    monkeypatch.setenv("AGENTRT_SERVE_API_KEY", "from-env")
+    r = invoke("serve", "--port", "8123", "--max-active", "3", "--max-body-mb", "0.5", "--host", "0.0.0.0")
+    assert r.exit_code == 0, r.output
+    config = seen["config"]
+    assert (seen["model"], seen["host"], seen["port"]) == ("tiny", "0.0.0.0", 8123)
+    assert (config.api_key, config.max_active, config.max_body_bytes, config.model_name) == (
+        "from-env", 3, 1 << 19, "tiny")
+    monkeypatch.delenv("AGENTRT_SERVE_API_KEY")
+    r = invoke("serve", "--host", "0.0.0.0")
+    assert "without --api-key" in r.output  # exposed beyond loopback without a key: warned
+
+
+@pytest.mark.slow
+def test_bench_serve_runs_a_server_and_clients():
+    r = invoke("bench", "serve", "--clients", "4", "--seconds", "2", "--max-tokens", "4", "--markdown")
+    assert r.exit_code == 0, r.output
+    assert "| clients | seconds | requests | errors |" in r.output and "agentrt bench serve --clients 4" in r.output
 
 
 def test_run_script_target(tmp_path):

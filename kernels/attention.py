@@ -59,3 +59,34 @@ def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2
     """
     w = torch.sigmoid(lse1 - lse2).unsqueeze(-1).to(o1.dtype)
     return torch.lerp(o2, o1, w)
+
+
+def write_kv_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 slots: torch.Tensor) -> None:
+    """Store the K/V of T new tokens in the paged pools, in place: k_pool[slots[t]] = k[t].
+
+    k_pool, v_pool: [S, Hkv, D]; k, v: [T, Hkv, D]; slots: [T] int, distinct, in [0, S).
+    """
+    k_pool[slots.long()] = k.to(k_pool.dtype)
+    v_pool[slots.long()] = v.to(v_pool.dtype)
+
+
+def paged_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                        slot_table: torch.Tensor, ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal GQA of a varlen batch of B sequences over K/V gathered from the paged pools.
+
+    q: [T, Hq, D], the new tokens of all sequences end to end; k_pool, v_pool: [S, Hkv, D];
+    cu_seqlens_q: [B+1] int, sequence b's queries are q[cu_seqlens_q[b]:cu_seqlens_q[b+1]] (n_b of them);
+    slot_table: [B, W] int, the pool slot of each position of each sequence (entries at positions
+    >= ctx_lens[b] are ignored); ctx_lens: [B] int, keys of sequence b (cached prefix + its n_b new
+    tokens, already written to the pools). Query j of sequence b sits at position ctx_lens[b] - n_b + j
+    and sees keys 0..that position. Softmax in fp32. Returns [T, Hq, D] in q's dtype.
+    """
+    out = torch.empty_like(q)
+    cu, lens = cu_seqlens_q.tolist(), ctx_lens.tolist()
+    for b in range(len(lens)):
+        if cu[b + 1] == cu[b]:
+            continue
+        slots = slot_table[b, :lens[b]].long()
+        out[cu[b]:cu[b + 1]] = attention_ref(q[cu[b]:cu[b + 1]], k_pool[slots], v_pool[slots], scale)
+    return out

@@ -241,3 +241,75 @@ def selective_state_update(
     # a product and a sum read the state faster than a batched matrix-vector product does on CPU
     y = (grouped * C.float().view(Bt, G, 1, N)).sum(-1).view(Bt, H, P)
     return y.addcmul_(D.float()[:, None], xf).to(x.dtype)
+
+
+# --- slot-addressed references: states live in pools indexed by slot (the engine's layout) ---
+
+def causal_conv1d_varlen_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_pool: torch.Tensor,
+    state_idx: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+) -> torch.Tensor:
+    """Causal conv + SiLU over B sequences packed end to end (prefill); states updated in the pool.
+
+    x: [T, C] (sequence b is x[cu_seqlens[b]:cu_seqlens[b+1]]); weight: [C, K]; bias: [C] or None;
+    conv_pool: [S, C, K-1]; state_idx: [B] distinct slots; has_initial_state: [B] bool (continue
+    from conv_pool[state_idx[b]], else from zeros); cu_seqlens: [B+1]. Writes each sequence's last
+    K-1 inputs (older state included when it is shorter than K-1) to conv_pool[state_idx[b]].
+    Returns y [T, C] in x's dtype.
+    """
+    y = torch.empty_like(x)
+    bounds = cu_seqlens.tolist()
+    for b, slot in enumerate(state_idx.tolist()):
+        s, e = bounds[b], bounds[b + 1]
+        state = conv_pool[slot:slot + 1] if bool(has_initial_state[b]) else None
+        y_b, new_state = causal_conv1d_ref(x[None, s:e], weight, bias, state)
+        y[s:e] = y_b[0]
+        conv_pool[slot] = new_state[0]
+    return y
+
+
+def causal_conv1d_update_slots_ref(
+    x: torch.Tensor, conv_pool: torch.Tensor, state_idx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """`causal_conv1d_update_ref` (one token per sequence, decode) on states kept in a pool.
+
+    x: [B, C]; conv_pool: [S, C, K-1], conv_pool[state_idx[b]] shifted in place; state_idx: [B]
+    distinct slots; weight: [C, K]; bias: [C] or None. Returns y [B, C] in x's dtype.
+    """
+    state = conv_pool[state_idx]  # a gathered copy [B, C, K-1]
+    y = causal_conv1d_update_ref(x, state, weight, bias)
+    conv_pool[state_idx] = state
+    return y
+
+
+def selective_state_update_slots_ref(
+    ssm_pool: torch.Tensor,
+    state_idx: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    intermediate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """L consecutive recurrent SSM steps per sequence (L > 1: speculative tokens) on pooled states.
+
+    ssm_pool: [S, H, P, N] fp32, ssm_pool[state_idx[b]] advanced L steps in place; state_idx: [Bt]
+    distinct slots; x: [Bt, L, H, P]; dt: [Bt, L, H] (softplus'd, clamped); A, D: [H];
+    B, C: [Bt, L, G, N]; intermediate: [Bt, L, H, P, N] fp32 or None, receives the state after each
+    step (intermediate[:, l] = state after token l). Returns y [Bt, L, H, P] in x's dtype.
+    """
+    state = ssm_pool[state_idx]  # a gathered copy [Bt, H, P, N]
+    ys = []
+    for l in range(x.shape[1]):
+        ys.append(selective_state_update_ref(state, x[:, l], dt[:, l], A, B[:, l], C[:, l], D))
+        if intermediate is not None:
+            intermediate[:, l] = state
+    ssm_pool[state_idx] = state
+    return torch.stack(ys, dim=1)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agentrt.kernels import use_triton
 from agentrt.kernels.mamba import (
     causal_conv1d_ref,
     causal_conv1d_update_ref,
@@ -96,6 +97,10 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, d_in, inter))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if use_triton(x.device):
+            from agentrt.kernels.triton_moe import moe_experts as moe_experts_triton
+
+            return moe_experts_triton(x, self.up_proj, self.down_proj, ids, weights)
         return moe_experts(x, self.up_proj, self.down_proj, ids, weights)
 
 
@@ -175,6 +180,8 @@ class Mamba2Mixer(nn.Module):
         # dt: softplus(dt + bias), clamped below at time_step_min as the reference prefill does
         dt = F.softplus(dt + self.dt_bias).clamp(min=self.dt_min)
         A = -torch.exp(self.A_log.float())
+        if getattr(view, "kernels", False):
+            return self.out_proj(self._mix_with_kernels(gate, xBC, dt, A, view))
         weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
         conv, ssm = view.mamba_states(self.layer)  # [B, C, K-1], [B, H, P, N]
         y = torch.empty(x.shape[0], self.heads, self.head_dim, dtype=torch.float32, device=x.device)
@@ -212,6 +219,36 @@ class Mamba2Mixer(nn.Module):
 
         y = gated_rmsnorm_ref(y.view(x.shape[0], -1), gate, self.norm.weight, self.inner // self.groups, self.eps)
         return self.out_proj(y)
+
+    def _mix_with_kernels(self, gate: torch.Tensor, xBC: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                          view) -> torch.Tensor:
+        """The Triton path (`KernelView`): states updated in their pool slots. -> [T, inner]"""
+        from agentrt.kernels.triton_mamba import (
+            causal_conv1d_update_slots,
+            causal_conv1d_varlen,
+            gated_rmsnorm,
+            selective_state_update_slots,
+        )
+        from agentrt.kernels.triton_ssd import ssd_scan_varlen
+
+        T = xBC.shape[0]
+        conv_pool, ssm_pool = view.states.conv[self.layer], view.states.ssm[self.layer]
+        weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
+        y = torch.empty(T, self.heads, self.head_dim, dtype=xBC.dtype, device=xBC.device)
+        if len(view.decode_tok):  # one-token sequences: conv window shift + one recurrent step, in place
+            tok = view.decode_tok
+            h = causal_conv1d_update_slots(xBC[tok], conv_pool, view.decode_slots, weight, bias)
+            xs, B, C = self._split(h)
+            y[tok] = selective_state_update_slots(ssm_pool, view.decode_slots, xs[:, None], dt[tok][:, None], A,
+                                                  B[:, None], C[:, None], self.D)[:, 0]
+        if view.prefill_tok is not None:  # the rest: chunk-aligned varlen conv and scan
+            tok = view.prefill_tok
+            h = causal_conv1d_varlen(xBC[tok], weight, bias, conv_pool, view.prefill_slots, view.prefill_initial,
+                                     view.prefill_cu, max_seqlen=view.prefill_max)
+            xs, B, C = self._split(h)
+            y[tok] = ssd_scan_varlen(xs, dt[tok], A, B, C, self.D, self.chunk_size, view.prefill_cu, ssm_pool,
+                                     view.prefill_slots, view.prefill_initial)
+        return gated_rmsnorm(y.view(T, -1), gate, self.norm.weight, self.inner // self.groups, self.eps)
 
     def _split(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # h: [n, conv_dim] -> x [n, H, P], B [n, G, N], C [n, G, N]

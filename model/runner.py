@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from agentrt.kernels import use_triton
 from agentrt.kernels.attention import attention_lse, merge_attention
 
 from .network import NemotronH
@@ -120,6 +121,65 @@ class PagedView:
         self.states.ssm[layer].index_copy_(0, self.state_idx, ssm)
 
 
+class KernelView:
+    """The `StateView` of one step on the Triton path (CUDA): varlen kernels over the whole batch.
+
+    Attention writes the new K/V into their slots and runs one paged varlen kernel over every
+    sequence's slot table (split-K when decoding long contexts). Mamba layers read `kernels` and
+    call the slot-indexed kernels themselves: the one-token update for decoding sequences, the
+    chunk-aligned varlen scan for the rest; states are read from and written to their pool slots
+    in place, so `mamba_states` is never called.
+    """
+
+    kernels = True
+
+    def __init__(self, kv: KVPool, states: StatePool | None, batch: list[tuple[Sequence, int]],
+                 scale: float, device: torch.device):
+        self.kv, self.states, self.scale = kv, states, scale
+        self.seq_lens = [n for _, n in batch]
+        starts = [sum(self.seq_lens[:i]) for i in range(len(batch))]
+        self.segments = [(starts[i], n) for i, n in enumerate(self.seq_lens)]
+        tables = [s.slot_table(s.computed + n, device) for s, n in batch]
+        self.new_slots = torch.cat([t[s.computed:] for t, (s, _) in zip(tables, batch)])
+        self.slot_table = pad_sequence(tables, batch_first=True, padding_value=0).to(torch.int32)
+        self.ctx_lens = torch.tensor([s.computed + n for s, n in batch], dtype=torch.int32, device=device)
+        self.cu_seqlens = torch.tensor([0, *starts[1:], sum(self.seq_lens)], dtype=torch.int32, device=device)
+        if states is None:
+            return
+        slots = [s.state_slot for s, _ in batch]  # fresh slots are zeroed, resumed ones hold a snapshot
+        decode = [i for i, n in enumerate(self.seq_lens) if n == 1]
+        prefill = [i for i, n in enumerate(self.seq_lens) if n > 1]
+        self.decode_tok = torch.tensor([starts[i] for i in decode], device=device)
+        self.decode_slots = torch.tensor([slots[i] for i in decode], dtype=torch.int32, device=device)
+        self.prefill_tok = torch.cat([torch.arange(starts[i], starts[i] + self.seq_lens[i], device=device)
+                                      for i in prefill]) if prefill else None
+        lengths = [self.seq_lens[i] for i in prefill]
+        self.prefill_cu = torch.tensor([sum(lengths[:j]) for j in range(len(lengths) + 1)], dtype=torch.int32,
+                                       device=device)
+        self.prefill_slots = torch.tensor([slots[i] for i in prefill], dtype=torch.int32, device=device)
+        self.prefill_initial = torch.ones(len(prefill), dtype=torch.bool, device=device)
+        self.prefill_max = max(lengths, default=0)
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from agentrt.kernels.triton_attention import paged_attention, write_kv
+
+        K, V = self.kv.k[layer], self.kv.v[layer]
+        write_kv(K, V, k, v, self.new_slots)
+        return paged_attention(q, K, V, self.cu_seqlens, self.slot_table, self.ctx_lens, self.scale)
+
+    def mamba_states(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError("on the kernel path Mamba layers update their pool slots in place")
+
+    def set_mamba_states(self, layer: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
+        raise NotImplementedError("on the kernel path Mamba layers update their pool slots in place")
+
+
+def kernels_fit(model: NemotronH) -> bool:
+    """Whether the Triton attention kernel takes this model's head size (a power of two >= 16)."""
+    d = model.config.head_dim
+    return d >= 16 and d & (d - 1) == 0
+
+
 def _common_prefix(slot_lists: list[list[int]], limit: int) -> int:
     """Length of the slot prefix all lists share, at most `limit`.
 
@@ -148,8 +208,11 @@ def run_batch(model: NemotronH, kv: KVPool, states: StatePool | None, batch: lis
     device = model.device
     ids = torch.tensor([t for s, n in batch for t in s.tokens[s.computed:s.computed + n]], device=device)
     config = model.config
-    view = PagedView(kv, states, batch, model.attn_scale, device,
-                     groups=config.num_attention_heads // config.num_key_value_heads)
+    if use_triton(device) and kernels_fit(model):
+        view = KernelView(kv, states, batch, model.attn_scale, device)
+    else:
+        view = PagedView(kv, states, batch, model.attn_scale, device,
+                         groups=config.num_attention_heads // config.num_key_value_heads)
     hidden = model(ids, view=view, seq_lens=view.seq_lens)
     if all_logits:
         return model.logits(hidden)

@@ -1,0 +1,68 @@
+"""The engine's forward through the Triton kernels (Triton's interpreter on CPU, forced with
+AGENTRT_KERNELS=triton) against the same engine on the torch references: a mixed workload of
+prefills sharing a prompt, decodes and resumed turns gives the same greedy tokens and logprobs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+
+from agentrt.kernels import KERNELS_ENV, kernel_mode, use_triton
+from agentrt.model import Engine, EngineConfig, Request, SamplingParams, load
+
+
+def workload(lm, monkeypatch, mode: str, calls: Counter | None = None):
+    monkeypatch.setenv(KERNELS_ENV, mode)
+
+    async def main():
+        async with Engine(lm, EngineConfig(max_running=8)) as engine:
+            shared = list(range(5, 90))  # a shared prefix, then four prompts of different lengths
+            greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+            first = [engine.submit(Request(shared + [100 + i] * (i + 1), greedy)) for i in range(4)]
+            first = [await h.result() for h in first]
+            # second turns resume from each first turn's cached state (Mamba snapshot + KV)
+            follow = [engine.submit(Request(shared + [100 + i] * (i + 1) + r.token_ids + [7, 8], greedy))
+                      for i, r in enumerate(first)]
+            second = [await h.result() for h in follow]
+            return first + second, engine.stats()
+
+    return asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_the_kernel_forward_matches_the_reference_forward(monkeypatch):
+    import agentrt.kernels.triton_attention as ta
+    import agentrt.kernels.triton_mamba as tm
+    import agentrt.kernels.triton_moe as tmoe
+    import agentrt.kernels.triton_ssd as ts
+
+    lm = load("tiny")
+    ref, _ = workload(lm, monkeypatch, "ref")
+    calls: Counter = Counter()
+    for module, name in [(ta, "paged_attention"), (ta, "write_kv"), (tm, "selective_state_update_slots"),
+                         (tm, "causal_conv1d_varlen"), (tm, "causal_conv1d_update_slots"), (tm, "gated_rmsnorm"),
+                         (ts, "ssd_scan_varlen"), (tmoe, "moe_experts")]:
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _fn=fn, _name=name, **k: (calls.update([_name]), _fn(*a, **k))[1])
+    kernel, stats = workload(lm, monkeypatch, "triton")
+    assert len(calls) == 8, calls  # every kernel ran
+    assert stats.cached_prompt_tokens > 0  # the resumed turns started from cached state
+    for r, k in zip(ref, kernel):
+        assert k.token_ids == r.token_ids
+        assert k.logprobs == pytest.approx(r.logprobs, abs=1e-4)
+
+
+def test_kernel_mode_is_read_from_the_environment(monkeypatch):
+    import torch
+
+    monkeypatch.setenv(KERNELS_ENV, "ref")
+    assert not use_triton(torch.device("cpu"))
+    monkeypatch.setenv(KERNELS_ENV, "triton")
+    assert use_triton(torch.device("cpu"))
+    monkeypatch.delenv(KERNELS_ENV)
+    assert kernel_mode() == "auto" and not use_triton(torch.device("cpu"))  # auto: Triton on CUDA only
+    monkeypatch.setenv(KERNELS_ENV, "fast")
+    with pytest.raises(ValueError, match="AGENTRT_KERNELS='fast' is not one of auto, ref, triton"):
+        use_triton(torch.device("cpu"))

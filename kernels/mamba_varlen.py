@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.mamba import ssd_scan_ref
+from agentrt.kernels.mamba import ssd_scan_ref
 
 
 def ssd_scan_varlen_ref(

@@ -66,3 +66,33 @@ def test_kernel_mode_is_read_from_the_environment(monkeypatch):
     monkeypatch.setenv(KERNELS_ENV, "fast")
     with pytest.raises(ValueError, match="AGENTRT_KERNELS='fast' is not one of auto, ref, triton"):
         use_triton(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the CUDA kernel forward needs a GPU")
+def test_cuda_kernel_forward_matches_the_reference_at_nano_layer_shapes(tmp_path, monkeypatch):
+    """bf16 on CUDA, a random NemotronH with Nemotron 3 Nano's layer shapes (4 layers: Mamba,
+    attention, Mamba, MoE; a small vocabulary): teacher-forced logits of a mixed prefill/decode
+    workload through the kernels against the same engine on the torch references."""
+    import dataclasses
+
+    import torch
+
+    from agentrt.bench.kernels import NANO, write_checkpoint
+    from test_engine import teacher_forced
+
+    write_checkpoint(tmp_path, dataclasses.replace(NANO, vocab_size=4096), layers=4, dtype=torch.bfloat16)
+    lm = load(tmp_path, device="cuda", dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randint(300, 4096, (700,), generator=g).tolist()
+    streams = [(shared + torch.randint(300, 4096, (n,), generator=g).tolist(), p)
+               for n, p in [(40, 700), (300, 200), (9, 705), (150, 600)]]
+
+    def logits(mode: str) -> list[torch.Tensor]:
+        monkeypatch.setenv(KERNELS_ENV, mode)
+        engine = Engine(lm, EngineConfig(max_running=8, token_budget=512))
+        return [torch.stack(per) for per in teacher_forced(engine, streams)]
+
+    for got, want in zip(logits("triton"), logits("ref")):
+        rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        assert rel < 2e-2, rel

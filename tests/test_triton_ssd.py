@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.mamba import ssd_scan_ref
-from kernels.mamba_varlen import ssd_scan_varlen_ref
-from kernels.triton_ssd import build_chunks, ssd_scan_varlen
+from agentrt.kernels.mamba import ssd_scan_ref
+from agentrt.kernels.mamba_varlen import ssd_scan_varlen_ref
+from agentrt.kernels.triton_ssd import build_chunks, ssd_scan_varlen
 
 UNUSED = 123.0  # unused pool slots hold this; the kernel must leave them alone
 

@@ -413,12 +413,18 @@ async def _play(rt, world, seed: int, policy: str) -> list:
 async def _show(rt, work, display: str, interval: float):
     """Await `work` under the chosen display: the TUI app (when it is built), plain lines, or nothing."""
     if display == "tui":
-        app = _tui_app(lambda data: data.RuntimeSource(rt))
-        if app is not None:
+        try:
+            from agentrt.tui.data import RuntimeSource
+            from agentrt.tui.remote import TuiProcess
+        except ImportError as e:
+            click.echo(f"note: the TUI is not available ({e}); showing the plain display", err=True)
+        else:
             import asyncio
 
             work = asyncio.ensure_future(work)
-            await app.run_async()  # until the user quits it; a run still going on continues in plain lines
+            # the app renders in a child process: repainting never delays the agents on this loop
+            app = await TuiProcess.start(RuntimeSource(rt), refresh_hz=3.0)
+            await app.wait()  # until the user quits it; a run still going on continues in plain lines
             if work.done():
                 return work.result()
         display = "plain"
@@ -563,6 +569,34 @@ def bench_serve(clients: int, seconds: float, max_tokens: int, model: str, markd
         click.echo("\n" + serve_markdown(report, shlex.join(map(str, command))))
     if report.errors:
         raise click.exceptions.Exit(1)
+
+
+@bench.command("kernels")
+@click.option("--shapes", type=click.Choice(["nano", "small"]), default=None,
+              help="model shapes: Nemotron 3 Nano's, or the embedded tiny model's  [default: nano on CUDA, small on CPU]")
+@click.option("--layers", **_count(4, "layers of the random model the engine row runs (hybrid pattern M*ME...)"))
+@click.option("--iters", **_count(20, "timed calls per kernel (the median is reported)"))
+@click.option("--skip-engine", is_flag=True, help="only the kernels, not the engine against transformers")
+@click.option("--markdown", is_flag=True, help="also print a table for docs/BENCHMARKS.md, with this command line")
+def bench_kernels(shapes: str | None, layers: int, iters: int, skip_engine: bool, markdown: bool) -> None:
+    """Each NemotronH kernel against the device's measured copy bandwidth and matmul rate.
+
+    Reports achieved GB/s (inputs read once + outputs written once) and TFLOP/s per kernel, as
+    shares of the device's copy bandwidth and matmul rate, with the targets (decode attention and
+    the state update >= 70% of copy bandwidth, MoE experts at batch 64 >= 60% of its bandwidth
+    roofline); then our engine's decode tokens/s against transformers' batched generate on the
+    same random weights. Triton kernels in bf16 on CUDA, the torch paths in fp32 on CPU.
+    """
+    from agentrt.bench.kernels import format_markdown as kernels_markdown
+    from agentrt.bench.kernels import format_text as kernels_text
+    from agentrt.bench.kernels import run_benchmark as run_kernels
+
+    report = run_kernels(shapes, layers, iters, skip_engine, log=lambda line: click.echo(line, err=True))
+    click.echo(kernels_text(report))
+    if markdown:
+        command = ["agentrt", "bench", "kernels", "--shapes", report.shapes.name, "--layers", layers,
+                   "--iters", iters, *(["--skip-engine"] if skip_engine else []), "--markdown"]
+        click.echo("\n" + kernels_markdown(report, shlex.join(map(str, command))))
 
 
 def main() -> None:

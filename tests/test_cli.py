@@ -172,10 +172,20 @@ def test_run_script_target(tmp_path):
 
 
 def test_tui_missing_falls_back_to_plain(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "agentrt.tui", None)  # as if the TUI were not built
+    for name in ("agentrt.tui", "agentrt.tui.data", "agentrt.tui.remote", "agentrt.tui.app"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if the TUI were not built
     r = invoke("run", "churn", "--policy", "baseline", "--display", "tui", "--db", str(tmp_path / "t.db"))
     assert r.exit_code == 0, r.output
     assert r.stderr.startswith("note: the TUI is not available") and "] agents 1/1" in r.stdout
+
+
+def test_tui_without_a_terminal_falls_back_to_plain(tmp_path):
+    # CliRunner's stdin and stdout are not a terminal: the TUI's process says so and exits, the run goes on
+    r = invoke("run", "churn", "--policy", "baseline", "--display", "tui", "--db", str(tmp_path / "t.db"))
+    assert r.exit_code == 0, r.output
+    assert "agents: 1 (done 1)" in r.stdout and "churn (baseline)" in r.stdout
+    left = subprocess.run(["pgrep", "-f", "agentrt.tui.remote"], capture_output=True, text=True).stdout
+    assert left == "", f"the TUI's process outlived the run: {left}"
 
 
 def test_tui_gets_the_sources(tmp_path, monkeypatch, logistics_db):
@@ -186,13 +196,20 @@ def test_tui_gets_the_sources(tmp_path, monkeypatch, logistics_db):
         def __init__(self, source, refresh_hz):
             made.append((type(source).__name__, refresh_hz))
 
-        async def run_async(self):  # quit at once: the run goes on with plain lines
-            return None
-
         def run(self):
             return None
 
+    class FakeProcess:  # the app of `run` lives in a child process; quit at once: the run goes on in plain lines
+        @classmethod
+        async def start(cls, source, refresh_hz):
+            made.append((type(source).__name__, refresh_hz))
+            return cls()
+
+        async def wait(self):
+            return 0
+
     monkeypatch.setattr("agentrt.tui.app.make_app", FakeApp)
+    monkeypatch.setattr("agentrt.tui.remote.TuiProcess", FakeProcess)
     r = invoke("run", "churn", "--policy", "baseline", "--display", "tui", "--db", str(tmp_path / "t.db"))
     assert r.exit_code == 0 and "churn (baseline)" in r.output
     assert invoke("watch", str(logistics_db[0]), "--display", "tui").exit_code == 0

@@ -252,6 +252,12 @@ def test_metrics_in_prometheus_format(server, client):
     (json.dumps({"model": "tiny", "messages": USER, "max_tokens": 10**9}).encode(), "max_tokens", "does not fit"),
     (json.dumps({"model": "tiny", "messages": USER, "tools": [ADD],
                  "tool_choice": {"type": "function", "function": {"name": "nope"}}}).encode(), None, "'nope'"),
+    (json.dumps({"model": "tiny", "messages": USER, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "integr"}}}}}]}).encode(),
+     "tools.0.function.parameters", "not a valid JSON Schema at properties/a/type"),
+    (json.dumps({"model": "tiny", "messages": USER, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "required": "a"}}}}).encode(),
+     "response_format.json_schema.schema", "not a valid JSON Schema at required"),
 ])
 def test_bad_requests_get_400_naming_the_field(server, body, param, words):
     status, reply, _ = http(server, "POST", "/v1/chat/completions", body=body,

@@ -295,7 +295,10 @@ class Server:
     # -- running a request -------------------------------------------------------------------------
     async def _run(self, http: web.Request, plan: _Plan, output: _Output) -> web.StreamResponse:
         async with self.admission.slot():
-            handle = self.engine.submit(plan.request)
+            try:
+                handle = self.engine.submit(plan.request)
+            except ValueError as e:  # what the engine refuses to queue (the checks above should catch it first)
+                raise ApiError(400, str(e)) from None
             finished = False
             try:
                 if plan.body.stream:

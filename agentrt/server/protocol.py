@@ -36,11 +36,25 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def _json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` if it is a valid JSON Schema, else a ValueError saying where it is not."""
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "the top level"
+        raise ValueError(f"not a valid JSON Schema at {where}: {e.message}") from None
+    return schema
+
+
 class FunctionDef(_Body):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
     strict: bool | None = None
+
+    _valid_parameters = field_validator("parameters")(_json_schema)
 
 
 class ToolDef(_Body):
@@ -62,6 +76,8 @@ class JsonSchemaFormat(_Body):
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
+
+    _valid_schema = field_validator("schema_")(_json_schema)
 
 
 class ResponseFormat(_Body):

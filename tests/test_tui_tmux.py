@@ -23,11 +23,10 @@ from agentrt.cli import cli  # noqa: E402
 TMUX = shutil.which("tmux")
 AGENTS, TURNS, TOOL_DELAY = 20, 15, 0.5  # about 7.5 s of run: still going while the test watches
 
-# Records AGENTS agents x TURNS turns into argv[1], each tool call sleeping TOOL_DELAY seconds.
-WRITER = f'''
-import asyncio, sys
-from agentrt import Agent, Runtime, ScriptedModel, tool
-from agentrt.store import Store
+# The tool of both scripts below: each call sleeps TOOL_DELAY seconds.
+SLOW_LOOKUP = f'''
+import asyncio
+from agentrt import Agent, tool
 
 @tool
 async def slow_lookup(key: int) -> int:
@@ -38,6 +37,13 @@ async def slow_lookup(key: int) -> int:
     """
     await asyncio.sleep({TOOL_DELAY})
     return key * 2
+'''
+
+# Records AGENTS agents x TURNS turns into argv[1].
+WRITER = SLOW_LOOKUP + f'''
+import sys
+from agentrt import Runtime, ScriptedModel
+from agentrt.store import Store
 
 def script(messages, tools):
     done = sum(1 for m in messages if m["role"] == "tool")
@@ -204,20 +210,8 @@ def test_bench_tui_command_reports_the_three_runs() -> None:
     assert "| display | agents |" in out and "| tui (same loop) | 50 | 3 | 50 |" in out and "| tui (child process) | 50 | 3 | 50 |" in out
 
 
-SLOW_AGENTS = f'''
-import asyncio
-from agentrt import Agent, tool
-
-@tool
-async def slow_lookup(key: int) -> int:
-    """Look a key up, slowly.
-
-    Args:
-        key: The key.
-    """
-    await asyncio.sleep({TOOL_DELAY})
-    return key * 2
-
+# AGENTS agents, each calling the tool TURNS times from its own policy (no model calls).
+SLOW_AGENTS = SLOW_LOOKUP + f'''
 async def look(ctx):
     for key in range({TURNS}):
         await ctx.call_tool("slow_lookup", {{"key": key}})

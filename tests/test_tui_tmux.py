@@ -1,5 +1,6 @@
-"""The TUI in a real terminal: `agentrt watch DB --display tui` in a tmux pane while another process
-records a run into DB; and `agentrt bench tui` on a small workload."""
+"""The TUI in a real terminal: `agentrt watch DB --display tui` in a tmux pane while `agentrt run`
+records a run into DB in another process; `agentrt run --display tui` (the app in a child process);
+and `agentrt bench tui` on a small workload."""
 
 from __future__ import annotations
 
@@ -39,26 +40,19 @@ async def slow_lookup(key: int) -> int:
     return key * 2
 '''
 
-# Records AGENTS agents x TURNS turns into argv[1].
-WRITER = SLOW_LOOKUP + f'''
-import sys
-from agentrt import Runtime, ScriptedModel
-from agentrt.store import Store
-
-def script(messages, tools):
-    done = sum(1 for m in messages if m["role"] == "tool")
-    if done < {TURNS}:
-        return {{"tool_calls": [{{"id": f"call_{{done}}", "name": "slow_lookup", "arguments": {{"key": done}}}}]}}
+# AGENTS agents for `agentrt run slow_agents:AGENTS`: each turn one short model call, then the tool.
+SLOW_AGENTS = SLOW_LOOKUP + f'''
+async def look(ctx):
+    for key in range({TURNS}):
+        await ctx.chat(f"Key {{key}}?", tools=False, max_tokens=2)
+        await ctx.call_tool("slow_lookup", {{"key": key}})
     return "all keys looked up"
 
-async def main():
-    agent = Agent(name="looker", instructions="Look keys up.", tools=[slow_lookup], max_turns={TURNS + 1})
-    with Store(sys.argv[1]) as store:
-        async with Runtime(model=ScriptedModel(script), recorder=store) as rt:
-            await rt.run([(agent, f"task {{i}}") for i in range({AGENTS})])
-
-asyncio.run(main())
+AGENTS = [Agent(name="looker", instructions="Look keys up.", tools=[slow_lookup], policy=look)] * {AGENTS}
 '''
+
+ENTRY = "from agentrt.cli import main; main()"
+
 
 HEADER = re.compile(r"agents (\d+)\s+finished (\d+)/(\d+)\s+tokens (\d+)")
 ROW = re.compile(r"^ looker\s+(\w+)\s+(\d+)\s+(\d+)", re.M)  # name, state, turn, tokens
@@ -128,8 +122,10 @@ def _counters(screen: str) -> tuple[int, int, list[int]]:
 @pytest.mark.skipif(TMUX is None, reason="tmux is not installed: the real-terminal test needs it")
 def test_watch_tui_in_tmux_follows_a_run_another_process_writes(tmp_path: Path) -> None:
     db = tmp_path / "runs.db"
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    (tmp_path / "slow_agents.py").write_text(SLOW_AGENTS)
+    writer = subprocess.Popen([sys.executable, "-c", ENTRY, "run", "slow_agents:AGENTS", "--display", "none",
+                               "--db", str(db)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
     pane = Pane(uuid.uuid4().hex[:12])
     try:
         def run_recorded() -> bool:
@@ -145,9 +141,8 @@ def test_watch_tui_in_tmux_follows_a_run_another_process_writes(tmp_path: Path) 
             except Exception:  # the writer is still creating the schema
                 return False
 
-        _wait_for(run_recorded, 20, "the writer to record its run")
-        entry = "from agentrt.cli import main; main()"
-        pane.start(shlex.join([sys.executable, "-c", entry, "watch", str(db), "--display", "tui"]))
+        _wait_for(run_recorded, 60, "`agentrt run` to record its run")
+        pane.start(shlex.join([sys.executable, "-c", ENTRY, "watch", str(db), "--display", "tui"]))
 
         # the dashboard, with a row per agent
         first = _wait_for(pane.showing(lambda s: HEADER.search(s) and len(ROW.findall(s)) >= 10), 15,
@@ -170,9 +165,9 @@ def test_watch_tui_in_tmux_follows_a_run_another_process_writes(tmp_path: Path) 
         pane.keys("Down")
         time.sleep(0.3)
         pane.keys("Enter")
-        agent = _wait_for(pane.showing(lambda s: "→ slow_lookup(" in s and "Back" in s), 8,
+        agent = _wait_for(pane.showing(lambda s: "tool slow_lookup" in s and "Back" in s), 8,
                           "the agent view with its transcript", pane)
-        assert "assistant" in agent and "tool slow_lookup" in agent and "looker" in agent, agent
+        assert "assistant" in agent and "user" in agent and "looker" in agent, agent
 
         # q quits the app: the pane's command ends
         pane.keys("q")
@@ -210,24 +205,12 @@ def test_bench_tui_command_reports_the_three_runs() -> None:
     assert "| display | agents |" in out and "| tui (same loop) | 50 | 3 | 50 |" in out and "| tui (child process) | 50 | 3 | 50 |" in out
 
 
-# AGENTS agents, each calling the tool TURNS times from its own policy (no model calls).
-SLOW_AGENTS = SLOW_LOOKUP + f'''
-async def look(ctx):
-    for key in range({TURNS}):
-        await ctx.call_tool("slow_lookup", {{"key": key}})
-    return "all keys looked up"
-
-AGENTS = [Agent(name="looker", instructions="Look keys up.", tools=[slow_lookup], policy=look)] * {AGENTS}
-'''
-
-
 @pytest.mark.skipif(TMUX is None, reason="tmux is not installed: the real-terminal test needs it")
 def test_run_tui_in_tmux_renders_in_a_child_process(tmp_path: Path) -> None:
     (tmp_path / "slow_agents.py").write_text(SLOW_AGENTS)
     pane = Pane(uuid.uuid4().hex[:12])
     try:
-        entry = "from agentrt.cli import main; main()"
-        run = shlex.join([sys.executable, "-c", entry, "run", "slow_agents:AGENTS", "--display", "tui",
+        run = shlex.join([sys.executable, "-c", ENTRY, "run", "slow_agents:AGENTS", "--display", "tui",
                           "--db", str(tmp_path / "runs.db")])
         pane.start(f"sh -c {shlex.quote(f'cd {shlex.quote(str(tmp_path))} && {run}')}")
         first = _wait_for(pane.showing(lambda s: HEADER.search(s) and len(ROW.findall(s)) >= 10), 60,

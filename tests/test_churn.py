@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
-import subprocess
-import sys
 
 import pytest
 
-from agentrt import Agent, Budget, Runtime, Sampling, ScriptedModel
+from agentrt import Runtime, ScriptedModel
 from agentrt.environments import run_environment
 from agentrt.environments.churn import (MAX_EMAIL_CHARS, RISK_THRESHOLD, ChurnWorld, Customer, Strategy, draft,
                                         review, risk_points, rubric)
@@ -156,24 +154,3 @@ def test_the_baseline_through_the_runtime_scores_high():
     assert score.approval == 1.0 and score.precision > 0.9 and score.recall > 0.9
     with pytest.raises(KeyError, match="one seat"):
         world.reward("nobody")
-
-
-def test_the_embedded_model_plays_without_crashing():
-    world = ChurnWorld(40)
-    agent = Agent(name="analyst", budget=Budget(tool_calls=4, turns=3, think_tokens=16),
-                  sampling=Sampling(max_tokens=96))
-
-    async def main():
-        async with Runtime(model="tiny") as rt:
-            return await run_environment(rt, world, seed=0, agent=agent)
-
-    (result,) = asyncio.run(main())
-    assert result.status in ("done", "max_turns", "budget"), result.error
-    assert 0.0 <= result.rewards["churn"] <= 1.0
-
-
-def test_importing_the_world_stays_light():
-    code = ("import sys, agentrt.environments.churn; "
-            "print(sorted({'torch', 'textual', 'matplotlib'} & set(sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from agentrt.bench import tables
-from agentrt.bench.tables import markdown_table, text_table
+from agentrt.bench.tables import markdown_table
 
 from agentrt.bench.agents import LagProbe, lookup
 
@@ -137,11 +137,7 @@ HEADER = ["contestant", "agents", "tool turns each", "completed", "wall s", "age
 
 
 def format_text(report: Report) -> str:
-    lines = text_table(HEADER, rows(report))
-    lines.append("")
-    lines += [f"{text}: {'PASS' if ok else 'FAIL'}" for text, ok in targets(report)]
-    lines.append(tables.machine_line(report.machine))
-    return "\n".join(lines)
+    return tables.text_report(HEADER, rows(report), targets(report), report.machine)
 
 
 def format_markdown(report: Report, command: str) -> str:

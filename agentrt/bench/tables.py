@@ -11,6 +11,16 @@ def text_table(header: list[str], rows: list[list[str]]) -> list[str]:
             for r in table]
 
 
+def text_report(header: list[str], rows: list[list[str]], targets: list[tuple[str, bool | None]],
+                machine: dict) -> str:
+    """A benchmark's terminal output: the table, each target with PASS/FAIL (None: reported only),
+    the machine line."""
+    lines = text_table(header, rows) + [""]
+    lines += [text if ok is None else f"{text}: {'PASS' if ok else 'FAIL'}" for text, ok in targets]
+    lines.append(machine_line(machine))
+    return "\n".join(lines)
+
+
 def markdown_table(command: str, header: list[str], rows: list[list[str]]) -> str:
     """The command that reproduces the numbers, then a Markdown table of them."""
     lines = [f"```\n{command}\n```", "", "| " + " | ".join(header) + " |",

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from agentrt.bench.agents import LagProbe
 from agentrt.bench import tables
-from agentrt.bench.tables import markdown_table, text_table
+from agentrt.bench.tables import markdown_table
 
 SIZE = (120, 36)
 
@@ -268,12 +268,7 @@ def rows(report: Report) -> list[list[str]]:
 
 
 def format_text(report: Report) -> str:
-    lines = text_table(HEADER, rows(report))
-    lines.append("")
-    for text, ok in targets(report):
-        lines.append(text if ok is None else f"{text}: {'PASS' if ok else 'FAIL'}")
-    lines.append(tables.machine_line(report.machine))
-    return "\n".join(lines)
+    return tables.text_report(HEADER, rows(report), targets(report), report.machine)
 
 
 def format_markdown(report: Report, command: str) -> str:

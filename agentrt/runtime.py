@@ -12,6 +12,7 @@ from typing import Any, Iterable
 
 from .agent import Agent, AgentContext, AgentResult, MaxTurns, tool_loop
 from .budget import BudgetExceeded
+from .gcpacing import paced_full_collections
 from .llm import ChatModel
 from .recorder import NullRecorder, Recorder
 
@@ -141,23 +142,24 @@ class Runtime:
             limit = self.max_model_calls or getattr(self.model, "max_concurrency", DEFAULT_MODEL_CALLS)
             self._model_gate = asyncio.Semaphore(limit)
         self.recorder.run_started(run_id, {"agents": len(episodes), "model": getattr(self.model, "name", "?")})
-        tasks, ids = [], []
-        for i, ep in enumerate(episodes):
-            if i and i % LAUNCH_BATCH == 0:
-                await asyncio.sleep(0)  # start agents a batch per loop tick: no burst of thousands at once
-            trajectory_id = uuid.uuid4().hex
-            self.agents[trajectory_id] = AgentState(ep.agent.name, trajectory_id)
-            self.recorder.trajectory_started(trajectory_id, run_id, ep.agent.name, {
-                "task": ep.task, "budget": ep.agent.budget.model_dump(), **ep.meta})
-            t = asyncio.create_task(self._episode(trajectory_id, ep), name=f"agent:{ep.agent.name}")
-            self._tasks[trajectory_id] = t
-            tasks.append(t)
-            ids.append(trajectory_id)
-        try:
-            results = await asyncio.gather(*tasks)
-        finally:
-            for trajectory_id in ids:
-                self._tasks.pop(trajectory_id, None)
+        async with paced_full_collections():  # no full-collection pause mid-run (gcpacing.py)
+            tasks, ids = [], []
+            for i, ep in enumerate(episodes):
+                if i and i % LAUNCH_BATCH == 0:
+                    await asyncio.sleep(0)  # start agents a batch per loop tick: no burst of thousands at once
+                trajectory_id = uuid.uuid4().hex
+                self.agents[trajectory_id] = AgentState(ep.agent.name, trajectory_id)
+                self.recorder.trajectory_started(trajectory_id, run_id, ep.agent.name, {
+                    "task": ep.task, "budget": ep.agent.budget.model_dump(), **ep.meta})
+                t = asyncio.create_task(self._episode(trajectory_id, ep), name=f"agent:{ep.agent.name}")
+                self._tasks[trajectory_id] = t
+                tasks.append(t)
+                ids.append(trajectory_id)
+            try:
+                results = await asyncio.gather(*tasks)
+            finally:
+                for trajectory_id in ids:
+                    self._tasks.pop(trajectory_id, None)
         self.last_summary = summarize(run_id, results, time.monotonic() - started)
         self.recorder.run_finished(run_id, "finished", dataclasses.asdict(self.last_summary))
         return results

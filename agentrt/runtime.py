@@ -36,7 +36,7 @@ class Episode:
 
 
 RunItem = Agent | tuple[Agent, Any] | Episode
-LAUNCH_BATCH = 64
+LAUNCH_BATCH = 32
 DEFAULT_MODEL_CALLS = 32
 
 

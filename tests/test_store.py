@@ -452,3 +452,57 @@ def test_bench_store_reports_throughput_lag_and_size():
     assert events == 2 + 50 * (1 + 2 + 4 * 3 + 2 + 1)  # run start/end; per agent: start, system and user
     #                                                     messages, 4 calls per tool turn, the answer (2), end
     assert float(row[-2]) > 0  # file MB
+
+
+def test_fast_json_encoding_means_what_the_standard_library_means():
+    """`dumps` takes pydantic-core's encoder where it can; every payload reads back as the
+    standard library's encoding of it would, and non-finite floats still become strings."""
+    import dataclasses
+
+    from pydantic import BaseModel
+
+    from agentrt.store.schema import _ENCODER, _finite, dumps, jsonable
+
+    @dataclasses.dataclass
+    class Point:
+        x: float
+        tags: tuple
+
+    class Call(BaseModel):
+        name: str
+        args: dict
+
+    rng = random.Random(7)
+
+    def value(depth: int = 0):
+        kinds = ["int", "float", "str", "bool", "none"] + (["list", "dict", "tuple"] if depth < 3 else [])
+        kind = rng.choice(kinds)
+        if kind == "int":
+            return rng.randint(-2**40, 2**40)
+        if kind == "float":
+            return rng.choice([rng.uniform(-1e6, 1e6), 1e-7, 1e16, 0.1, -0.0, math.nan, math.inf])
+        if kind == "str":
+            return "".join(rng.choice("ab \"\\\n\té🙂\x00") for _ in range(rng.randint(0, 8)))
+        if kind == "bool":
+            return rng.random() < 0.5
+        if kind == "none":
+            return None
+        items = [value(depth + 1) for _ in range(rng.randint(0, 4))]
+        if kind == "list":
+            return items
+        if kind == "tuple":
+            return tuple(items)
+        return {rng.choice(["k", "é", "1", "a b"]) + str(i): v for i, v in enumerate(items)}
+
+    payloads = [value() for _ in range(400)] + [
+        {"point": Point(1.5, (1, 2))}, {"call": Call(name="f", args={"x": [1, 2]})}, {"ints": {1: "a", 2: "b"}},
+        {"bytes": b"raw"}, {"set": {3}}, {"lone": "\ud800"},
+    ]
+    for v in payloads:
+        text = dumps(v)
+        try:
+            expected = _ENCODER.encode(v)
+        except ValueError:
+            expected = _ENCODER.encode(_finite(json.loads(json.dumps(v, default=jsonable))))
+        assert json.loads(text) == json.loads(expected), v
+        assert "NaN" not in text and "Infinity" not in text

@@ -19,6 +19,8 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
+from pydantic_core import to_json as _to_json
+
 from sqlalchemy import (JSON, BigInteger, Boolean, Column, Double, ForeignKey, Index, Integer, LargeBinary, MetaData,
                         String, Table, Text, create_engine, event, insert, inspect, select)
 from sqlalchemy.engine import Engine, make_url
@@ -234,10 +236,23 @@ def jsonable(value: Any) -> Any:
 
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=jsonable)
+_NON_FINITE = (b"NaN", b"Infinity")
 
 
 def dumps(value: Any) -> str:
-    """Compact JSON; non-finite floats become strings (PostgreSQL's json type refuses NaN and Infinity)."""
+    """Compact JSON; non-finite floats become strings (PostgreSQL's json type refuses NaN and Infinity).
+
+    pydantic-core's encoder (Rust, about 5x faster than the standard library's, which matters on
+    the writer thread: it shares the GIL with the event loop) takes what it can: plain values,
+    dataclasses, pydantic models, sets (in iteration order). Lone surrogates and non-finite floats
+    take the standard library's path.
+    """
+    try:
+        out = _to_json(value, fallback=jsonable, inf_nan_mode="constants")
+    except Exception:  # a lone surrogate, a key it cannot write: the careful path
+        out = None
+    if out is not None and not any(bad in out for bad in _NON_FINITE):
+        return out.decode("utf-8")
     try:
         return _ENCODER.encode(value)
     except ValueError:

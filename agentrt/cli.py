@@ -133,23 +133,31 @@ def bench_agents(agents: int, turns: int, only: str, markdown: bool) -> None:
 @click.option("--turns", **_count(10, "tool-loop turns per agent (model call, tool call, result)"))
 @click.option("--batch-size", **_count(500, "recorder calls per writer transaction"))
 @click.option("--url", default=None, help="record into this SQLAlchemy URL or path instead of a temporary SQLite file")
+@click.option("--writers", default="thread,process", show_default=True,
+              help="the store's writers to measure, comma-separated (Store(writer=...))")
 @click.option("--markdown", is_flag=True, help="also print a table for docs/BENCHMARKS.md, with this command line")
-def bench_store(agents: int, turns: int, batch_size: int, url: str | None, markdown: bool) -> None:
+def bench_store(agents: int, turns: int, batch_size: int, url: str | None, writers: str, markdown: bool) -> None:
     """The trajectory store under the runtime's full speed: the bench-agents workload recording into a Store.
 
-    Runs the workload without a recorder, then with a Store on a fresh SQLite file (or --url).
-    Reports recorder calls committed per second (to the final flush), event-loop lag p50/p99 and
-    the file's size; targets (reported, never fatal): 20,000 events/s, lag p99 under 10 ms.
+    Runs the workload without a recorder, then with a Store on a fresh SQLite file (or --url) for
+    each writer: a thread of this process, or a child process. Reports recorder calls committed
+    per second (to the final flush), event-loop lag p50/p99 and the file's size; targets
+    (reported, never fatal): 20,000 events/s, lag p99 under 10 ms.
     """
     from agentrt.bench.store import format_markdown as store_markdown
     from agentrt.bench.store import format_text as store_text
     from agentrt.bench.store import run_benchmark as run_store
 
-    report = run_store(agents, turns, batch_size, url, log=lambda line: click.echo(line, err=True))
+    from agentrt.bench.store import WRITERS
+
+    chosen = tuple(w.strip() for w in writers.split(",") if w.strip())
+    if not chosen or any(w not in WRITERS for w in chosen):
+        raise click.BadParameter(f"{writers!r}: choose one or more of {', '.join(WRITERS)}", param_hint="--writers")
+    report = run_store(agents, turns, batch_size, url, chosen, log=lambda line: click.echo(line, err=True))
     click.echo(store_text(report))
     if markdown:
         command = ["agentrt", "bench", "store", "--agents", agents, "--turns", turns, "--batch-size", batch_size,
-                   *(["--url", url] if url else []), "--markdown"]
+                   *(["--url", url] if url else []), "--writers", ",".join(chosen), "--markdown"]
         click.echo("\n" + store_markdown(report, shlex.join(map(str, command))))
 
 

@@ -27,6 +27,7 @@ from agentrt.cli import cli
 from agentrt.llm import ChatOptions, ToolCallRequest, Usage
 from agentrt.store import SCHEMA_VERSION, Store, StoreError, StoreReader, StoreVersionError
 from agentrt.store.schema import blobs, meta, metadata
+from agentrt.store.writer import WRITER_ENV
 from agentrt.tools import ToolError
 
 PG_URL = os.environ.get("AGENTRT_TEST_POSTGRES_URL")
@@ -34,9 +35,12 @@ PG_SKIP = ("PostgreSQL is not configured: set AGENTRT_TEST_POSTGRES_URL (e.g. "
            "postgresql+psycopg://agentrt@127.0.0.1:5433/agentrt_test); `eval \"$(.ci/pg-setup.sh)\"` starts one")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):
-    if request.param == "sqlite":
+@pytest.fixture(params=["sqlite", "sqlite+process-writer", "postgresql", "postgresql+process-writer"])
+def url(request, tmp_path, monkeypatch):
+    """The database of one test; `+process-writer`: stores the test opens write from a child process."""
+    if request.param.endswith("+process-writer"):
+        monkeypatch.setenv(WRITER_ENV, "process")
+    if request.param.startswith("sqlite"):
         yield str(tmp_path / "store.db")
         return
     if not PG_URL:
@@ -443,15 +447,22 @@ def test_bench_store_reports_throughput_lag_and_size():
     result = CliRunner().invoke(cli, ["bench", "store", "--agents", "50", "--turns", "3"])
     assert result.exit_code == 0, result.output
     out = result.output
-    assert "runtime alone" in out and "runtime + store" in out
-    assert "store events/s written:" in out and "target >= 20,000" in out
-    assert "event-loop lag p99 with the store:" in out and "target < 10 ms" in out
-    row = next(line for line in out.splitlines() if line.startswith("runtime + store")).split()
-    assert row[3:6] == ["50", "3", "50"]  # agents, turns, completed
-    events = int(row[8].replace(",", ""))
-    assert events == 2 + 50 * (1 + 2 + 4 * 3 + 2 + 1)  # run start/end; per agent: start, system and user
-    #                                                     messages, 4 calls per tool turn, the answer (2), end
-    assert float(row[-2]) > 0  # file MB
+    assert "runtime alone" in out
+    for writer in ("thread", "process"):
+        assert f"store events/s written ({writer} writer):" in out and "target >= 20,000" in out
+        assert f"event-loop lag p99 with the store ({writer} writer):" in out and "target < 10 ms" in out
+        row = next(line for line in out.splitlines() if line.startswith(f"runtime + store ({writer} writer)"))
+        row = row.split()
+        assert row[5:8] == ["50", "3", "50"]  # agents, turns, completed
+        events = int(row[10].replace(",", ""))
+        assert events == 2 + 50 * (1 + 2 + 4 * 3 + 2 + 1)  # run start/end; per agent: start, system and user
+        #                                                     messages, 4 calls per tool turn, the answer (2), end
+        assert float(row[-2]) > 0  # file MB
+
+
+def test_bench_store_refuses_an_unknown_writer():
+    result = CliRunner().invoke(cli, ["bench", "store", "--writers", "thread,fork"])
+    assert result.exit_code == 2 and "choose one or more of thread, process" in result.output
 
 
 def test_fast_json_encoding_means_what_the_standard_library_means():
@@ -506,3 +517,77 @@ def test_fast_json_encoding_means_what_the_standard_library_means():
             expected = _ENCODER.encode(_finite(json.loads(json.dumps(v, default=jsonable))))
         assert json.loads(text) == json.loads(expected), v
         assert "NaN" not in text and "Infinity" not in text
+
+
+# -- the writer process ------------------------------------------------------------------------------------
+def test_the_writer_process_stores_what_the_writer_thread_stores(tmp_path):
+    """Records holding objects only this process can build (classes local to the test) reach the
+    writer process as what the database would hold anyway, and read back as with the thread."""
+    import dataclasses
+    import enum
+
+    from pydantic import BaseModel
+
+    class Colour(str, enum.Enum):
+        RED = "red"
+
+    class Answer(BaseModel):
+        value: int
+        colour: Colour
+
+    @dataclasses.dataclass
+    class Point:
+        x: float
+        y: float
+
+    class Opaque:
+        def __str__(self) -> str:
+            return "an opaque object"
+
+    def record(store: Store) -> None:
+        store.run_started("r", {"colour": Colour.RED})
+        store.trajectory_started("t", "r", "a", {"task": "t"})
+        store.message("t", {"role": "user", "content": "go"})
+        reply = ChatReply(content=None, tool_calls=[ToolCallRequest("c1", "f", {"p": 1})], prompt_ids=[1, 2],
+                          token_ids=[3], logprobs=[-0.5], usage=Usage(prompt_tokens=2, output_tokens=1))
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        for turn in range(3):  # the same schema list every call, as a trajectory passes it
+            store.model_call("t", reply, {"options": ChatOptions(session="t"), "tools": tools, "turn": turn})
+        store.tool_call("t", {"id": "c1", "name": "f", "arguments": {"p": 1}}, Answer(value=7, colour=Colour.RED))
+        store.tool_call("t", {"id": "c2", "name": "f", "arguments": {"p": Point(1, 2)}}, Opaque())
+        store.reward("t", "score", 1.0, {"where": Point(0.5, 1.5), "ids": {4}})
+        store.event("t", "note", {"colour": Colour.RED, "thing": Opaque()})
+
+    def read(store: Store) -> tuple:
+        calls = store.model_calls("t")
+        return ([n.message for n in store.messages("t")], [(c.options, c.meta, c.token_ids) for c in calls],
+                [(c.arguments, c.content) for c in store.tool_calls("t")], [r.info for r in store.rewards("t")],
+                [e.data for e in store.events("t")], store.run("r").meta)
+
+    seen = {}
+    for writer in ("thread", "process"):
+        with Store(tmp_path / f"{writer}.db", writer=writer) as store:
+            record(store)
+            store.flush()
+            assert store.stats().lost == 0 and store.flushed_events == 10
+            seen[writer] = read(store)
+    assert seen["process"] == seen["thread"]
+    tool_calls = seen["process"][2]
+    assert tool_calls[0][1] == {"value": 7, "colour": "red"} and tool_calls[1] == ({"p": {"x": 1, "y": 2}},
+                                                                                     "an opaque object")
+
+
+def test_a_writer_process_that_dies_fails_flushes_instead_of_hanging(tmp_path):
+    store = Store(tmp_path / "store.db", writer="process")
+    store.run_started("r", {})
+    store.flush()
+    assert store.flushed_events == 1
+    store._writer.proc.kill()
+    store.event(None, "after", {})
+    with pytest.raises(StoreError, match="writer process .* exited"):
+        store.flush(timeout=30)
+    started = time.monotonic()
+    store.close()  # logs that the last records were not written; does not wait for a dead writer
+    assert time.monotonic() - started < 10
+    with StoreReader(tmp_path / "store.db") as reader:
+        assert reader.recorded() == 1

@@ -45,7 +45,10 @@ async def report(store):
         await asyncio.sleep(0.005)
 
 async def main():
-    store = Store(sys.argv[1], batch_size=64, flush_interval=0.01)
+    store = Store(sys.argv[1], batch_size=64, flush_interval=0.01, writer=sys.argv[2])
+    proc = getattr(store._writer, "proc", None)
+    if proc is not None:
+        print(f"writer-pid {proc.pid}", flush=True)
     agent = Agent(name="worker", instructions="Work.", tools=[work], max_turns=61)
     reporter = asyncio.create_task(report(store))
     async with Runtime(model=ScriptedModel(script), recorder=store) as rt:
@@ -58,14 +61,25 @@ asyncio.run(main())
 TARGET = 3000  # recorder calls flushed before the kill
 
 
-def test_sigkill_loses_nothing_that_was_flushed(tmp_path):
+def exited(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line for line in f)  # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_sigkill_loses_nothing_that_was_flushed(tmp_path, writer):
     path = tmp_path / "crash.db"
-    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(path)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(path), writer], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    reported = 0
+    reported, writer_pid = 0, None
     deadline = time.monotonic() + 120
     try:
         for line in proc.stdout:
+            if line.startswith("writer-pid "):
+                writer_pid = int(line.split()[1])
             if line.startswith("flushed "):
                 reported = int(line.split()[1])
             if reported >= TARGET or time.monotonic() > deadline:
@@ -80,6 +94,12 @@ def test_sigkill_loses_nothing_that_was_flushed(tmp_path):
         proc.stdout.close()
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
+    if writer == "process":  # the writer process sees its pipe close and stops at once
+        assert writer_pid is not None
+        stop_by = time.monotonic() + 10
+        while not exited(writer_pid) and time.monotonic() < stop_by:
+            time.sleep(0.01)
+        assert exited(writer_pid), "the writer process outlived the process it recorded for"
 
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

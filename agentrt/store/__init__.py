@@ -1,5 +1,5 @@
 """The trajectory store: every run, trajectory, message tree, model and tool call, reward and event,
-in SQLite (WAL) or any SQLAlchemy database, written by one background thread.
+in SQLite (WAL) or any SQLAlchemy database, written by one background writer (a thread, or a child process).
 
 >>> from agentrt import Runtime
 >>> from agentrt.store import Store, StoreReader

@@ -306,8 +306,8 @@ class Rows:
             key = (type(options), *(tuple(v) if isinstance(v, list) else v for v in
                                     (getattr(options, f) for f in options.__dataclass_fields__)))
             found = self._option_blobs.get(key)
-        except (AttributeError, TypeError):  # not a dataclass, or unhashable values
-            return self._json_blob(jsonable(options))
+        except (AttributeError, TypeError):  # not a dataclass (a dict from a writer process), or unhashable values
+            return self._json_blob(options if isinstance(options, dict) else jsonable(options))
         if found is None:
             if len(self._option_blobs) > KNOWN_OPTIONS:
                 self._option_blobs.clear()

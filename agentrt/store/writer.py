@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import os
 import threading
 import time
 import weakref
@@ -19,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.engine import Connection, Engine
@@ -120,30 +121,36 @@ class Store(StoreReader):
     ['assistant']
     """
 
-    def __init__(self, url: str | Path, *, batch_size: int = 500, flush_interval: float = 0.05, recover: bool = True):
+    def __init__(self, url: str | Path, *, batch_size: int = 500, flush_interval: float = 0.05, recover: bool = True,
+                 writer: str | None = None):
         if batch_size < 1 or not flush_interval > 0:
             raise ValueError(f"batch_size={batch_size} must be >= 1 and flush_interval={flush_interval} > 0 seconds")
+        writer = writer or os.environ.get(WRITER_ENV) or "thread"
+        if writer not in WRITERS:
+            raise ValueError(f"writer={writer!r} (or ${WRITER_ENV}): choose 'thread' (rows built on a thread of this process) or "
+                             "'process' (rows built and written by a child process, off this process's GIL)")
         self._open(url, readonly=False)
         self.batch_size, self.flush_interval = batch_size, flush_interval
         self.interrupted: list[str] = [] if self.created or not recover else interrupt(
             self.engine, None, None, "the process recording it stopped before it finished")
-        self.flushed_events = 0
         self._q: deque | _Closed = deque()
         self._wake = threading.Event()
         self._closing = threading.Lock()
         self._closed = False
-        self._taken = self._batches = self._lost = 0
-        self._last_commit: float | None = None
-        self._error: str | None = None
-        # writer-thread state
-        self._rows = Rows(self.engine, self._write)
-        self._sql = BatchWriter(self.engine)
-        self._sqlite = self.engine.dialect.name == "sqlite"
-        self._unchecked = False  # commits since the last checkpoint (SQLite)
-        self._thread = threading.Thread(target=self._run, name=f"agentrt-store-writer:{self.engine.url.database}",
-                                        daemon=True)
-        self._thread.start()
+        if writer == "process":
+            from .process import WriterProcess
+
+            self._writer: Writer | WriterProcess = WriterProcess(self.url, batch_size, flush_interval, self._q,
+                                                                 self._wake, name=str(self))
+        else:
+            self._writer = Writer(self.engine, batch_size, flush_interval, self._q, self._wake, name=str(self))
+            self._writer.start()
         _OPEN.add(self)
+
+    @property
+    def flushed_events(self) -> int:
+        """Recorder calls committed so far."""
+        return self._writer.flushed_events
 
     # -- the Recorder protocol: called on the event loop, each returns at once -------------------------
     def run_started(self, run_id: str, meta: dict) -> None:
@@ -185,13 +192,13 @@ class Store(StoreReader):
         seconds passed first; raises StoreError if some of those records could not be written."""
         if self._closed:
             return True
-        marker = _Marker(self._lost)
+        marker = _Marker(self._writer.lost)
         self._q.append(marker)
         self._wake.set()
         deadline = None if timeout is None else time.monotonic() + timeout
         while not marker.event.wait(0.25):
-            if not self._thread.is_alive():
-                raise StoreError(f"the writer thread of {self} stopped; see the log of 'agentrt.store'")
+            if not self._writer.alive():
+                raise StoreError(f"the writer of {self} stopped; see the log of 'agentrt.store'")
             if deadline is not None and time.monotonic() >= deadline:
                 return False
         if marker.error:
@@ -202,15 +209,15 @@ class Store(StoreReader):
         """`flush` for coroutines: waits without blocking the event loop."""
         if self._closed:
             return
-        marker = _Marker(self._lost, loop=asyncio.get_running_loop())
+        marker = _Marker(self._writer.lost, loop=asyncio.get_running_loop())
         self._q.append(marker)
         self._wake.set()
         while True:
             try:
                 return await asyncio.wait_for(asyncio.shield(marker.future), 1.0)
             except asyncio.TimeoutError:
-                if not self._thread.is_alive():
-                    raise StoreError(f"the writer thread of {self} stopped; see the log of 'agentrt.store'") from None
+                if not self._writer.alive():
+                    raise StoreError(f"the writer of {self} stopped; see the log of 'agentrt.store'") from None
 
     def close(self) -> None:
         """Write everything queued, stop the writer, mark runs and trajectories this store saw start
@@ -220,18 +227,12 @@ class Store(StoreReader):
                 return
             self._closed = True
         queue, self._q = self._q, _Closed(str(self))
-        marker = _Marker(self._lost, stop=True)
+        marker = _Marker(self._writer.lost, stop=True)  # the writer marks unfinished runs interrupted first
         queue.append(marker)
         self._wake.set()
-        self._thread.join()
+        self._writer.join()
         if marker.error:
             log.error("closing %s: %s", self, marker.error)
-        if self._rows.runs or self._rows.trajs:
-            try:
-                interrupt(self.engine, list(self._rows.runs), list(self._rows.trajs),
-                          "the store was closed before it finished")
-            except Exception:
-                log.exception("closing %s: could not mark unfinished runs interrupted", self)
         self.engine.dispose()
         _OPEN.discard(self)
 
@@ -248,30 +249,70 @@ class Store(StoreReader):
         await self.aclose()
 
     def stats(self) -> StoreStats:
-        pending = len(self._q)
-        return StoreStats(queued=self._taken + pending, written=self.flushed_events, pending=pending,
-                          batches=self._batches, lost=self._lost, last_commit=self._last_commit)
+        pending, w = len(self._q), self._writer
+        return StoreStats(queued=w.taken + pending, written=w.flushed_events, pending=pending,
+                          batches=w.batches, lost=w.lost, last_commit=w.last_commit)
 
-    # -- the writer thread -----------------------------------------------------------------------------
-    # Two stages in one thread: records become rows as soon as they arrive (which keeps the queue, and
-    # the live objects the garbage collector walks, small), and sealed batches wait in `rows.ready`
-    # until they are written, one transaction each, oldest first. A flush marker waits there behind
-    # the batches queued before it.
-    def _run(self) -> None:
+
+WRITERS = ("thread", "process")
+WRITER_ENV = "AGENTRT_STORE_WRITER"  # the default of Store(writer=...)
+
+
+class Writer:
+    """Turns queued records into rows and writes them: the store's writer thread, or the body of the
+    child process of `Store(writer="process")` (process.py), which feeds it the same queue.
+
+    Two stages in one thread: records become rows as soon as they arrive (which keeps the queue, and
+    the live objects the garbage collector walks, small), and sealed batches wait in `rows.ready`
+    until they are written, one transaction each, oldest first. A flush marker waits there behind
+    the batches queued before it; the stop marker is answered once runs and trajectories this
+    writer saw start but not finish are marked `interrupted`.
+    """
+
+    def __init__(self, engine: Engine, batch_size: int, flush_interval: float, queue: deque, wake: threading.Event,
+                 name: str):
+        self.engine, self.batch_size, self.flush_interval, self.name = engine, batch_size, flush_interval, name
+        self.queue, self.wake = queue, wake
+        self.flushed_events = self.taken = self.batches = self.lost = 0
+        self.last_commit: float | None = None
+        self.error: str | None = None
+        self.on_commit: Callable[[], None] | None = None
+        self._rows = Rows(engine, self._write)
+        self._sql = BatchWriter(engine)
+        self._sqlite = engine.dialect.name == "sqlite"
+        self._unchecked = False  # commits since the last checkpoint (SQLite)
+        self._thread: threading.Thread | None = None
+
+    def __str__(self) -> str:
+        return self.name
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name=f"agentrt-store-writer:{self.engine.url.database}",
+                                        daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def run(self) -> None:
         try:
             self._drain()
         except BaseException:
-            log.exception("%s: the writer thread stopped; later records are not written", self)
+            log.exception("%s: the writer stopped; later records are not written", self)
             raise
 
     def _drain(self) -> None:
-        queue, rows = self._q, self._rows
+        queue, rows = self.queue, self._rows
         ready = rows.ready
         while True:
             taken = 0
             while queue and taken < CONVERT_AT_ONCE:
                 item = queue.popleft()
-                if item.__class__ is _Marker:
+                if isinstance(item, _Marker):
                     rows.seal()
                     ready.append(item)
                     continue
@@ -280,11 +321,11 @@ class Store(StoreReader):
                     rows.add(item)
                 except Exception as e:
                     log.exception("%s: could not record %s for %s", self, item[0], item[1])
-                    self._lost += 1
-                    self._error = _describe(e)
+                    self.lost += 1
+                    self.error = _describe(e)
                 if rows.batch.calls >= self.batch_size:
                     rows.seal()
-            self._taken += taken
+            self.taken += taken
             if not queue:
                 rows.seal()
             if ready:
@@ -293,17 +334,27 @@ class Store(StoreReader):
             elif not queue:
                 if self._unchecked:
                     self._checkpoint()
-                self._wake.wait(self.flush_interval)
-                self._wake.clear()
+                self.wake.wait(self.flush_interval)
+                self.wake.clear()
 
     def _write_next(self) -> bool:
         """Write the oldest ready batch, or answer a marker. True when a stop marker was answered."""
         item = self._rows.ready.popleft()
-        if item.__class__ is _Marker:
-            item.done(self._lost, self._error)
+        if isinstance(item, _Marker):
+            if item.stop:
+                self._interrupt_unfinished()
+            item.done(self.lost, self.error)
             return item.stop
         self._write(item)
         return False
+
+    def _interrupt_unfinished(self) -> None:
+        if self._rows.runs or self._rows.trajs:
+            try:
+                interrupt(self.engine, list(self._rows.runs), list(self._rows.trajs),
+                          "the store was closed before it finished")
+            except Exception:
+                log.exception("closing %s: could not mark unfinished runs interrupted", self)
 
     def _write(self, b: Batch) -> None:
         """One batch, one transaction (retried while the database is locked or unreachable)."""
@@ -322,9 +373,11 @@ class Store(StoreReader):
             except Exception as e:
                 return self._failed(b, e)
         self.flushed_events += b.calls
-        self._batches += 1
+        self.batches += 1
         self._unchecked = self._sqlite
-        self._last_commit = _now()
+        self.last_commit = _now()
+        if self.on_commit is not None:
+            self.on_commit()
 
     def _checkpoint(self) -> None:
         """Copy SQLite's write-ahead log into the database while there is nothing to write, rather
@@ -337,9 +390,9 @@ class Store(StoreReader):
             log.warning("%s: checkpoint failed: %s", self, _describe(e))
 
     def _failed(self, b: Batch, e: Exception) -> None:
-        self._lost += b.calls
-        self._error = _describe(e)
-        log.error("%s: %d recorder calls could not be written: %s", self, b.calls, self._error)
+        self.lost += b.calls
+        self.error = _describe(e)
+        log.error("%s: %d recorder calls could not be written: %s", self, b.calls, self.error)
         self._rows.forget(b)
 
 

@@ -1,7 +1,8 @@
 """`Store`: the Recorder that writes trajectories to a database without ever making the event loop wait.
 
-Each recorder method appends one tuple to a deque and returns. One writer thread drains the deque:
-`Rows` (rows.py) turns records into rows (JSON encoding, hashing, token arrays) and links them,
+Each recorder method appends one tuple to a deque and returns. One `Writer` drains the deque, on a
+thread of this process or, with `Store(writer="process")`, in a child process fed by a pipe
+(process.py): `Rows` (rows.py) turns records into rows (JSON encoding, hashing, token arrays) and links them,
 and `BatchWriter` writes up to `batch_size` records per transaction with bulk inserts. Every
 recorder call makes exactly one row in nodes, model_calls, tool_calls, rewards or events
 (lifecycle calls make an event), which is what `flushed_events` counts.
@@ -111,6 +112,8 @@ class Store(StoreReader):
     `postgresql+psycopg://user@host/db`. `batch_size`: records per transaction. `flush_interval`:
     how long the idle writer sleeps. `recover`: mark runs and trajectories a previous process left
     `running` as `interrupted` (turn it off when several processes write one database at once).
+    `writer`: "thread" (default, or `$AGENTRT_STORE_WRITER`) or "process" (rows built and written
+    by a child process, off this process's GIL; see docs/store.md).
 
     >>> from agentrt import Agent, Runtime, ScriptedModel
     >>> from agentrt.store import Store

@@ -434,3 +434,41 @@ def test_recursive_model_schema_and_usage_terminate():
 def test_docstring_examples_run(module):
     failed, attempted = doctest.testmod(module)
     assert attempted > 0 and failed == 0
+
+
+def test_the_quick_check_never_accepts_what_the_validator_rejects():
+    """`quick_check` takes the valid calls of plain tool schemas without jsonschema: over random
+    schemas and arguments, whatever it accepts the validator accepts, and it does accept most
+    valid calls (else it would only cost time)."""
+    import random
+
+    from agentrt.tools.schema import quick_check
+
+    rng = random.Random(11)
+    kinds = ["string", "integer", "number", "boolean", "null"]
+    values = ["x", "", 3, -7, 2.5, 1.0, True, False, None, [1], {"a": 1}, 10**20]
+    accepted = valid = 0
+    for _ in range(400):
+        names = rng.sample(["a", "b", "c", "d"], rng.randint(0, 4))
+        schema = {"type": "object", "properties": {n: {"type": rng.choice(kinds), "description": "d"} for n in names},
+                  "required": rng.sample(names, rng.randint(0, len(names)))}
+        if rng.random() < 0.5:
+            schema["additionalProperties"] = rng.random() < 0.5
+        check = quick_check(schema)
+        assert check is not None
+        validator = Draft202012Validator(schema)
+        for _ in range(20):
+            args = {n: rng.choice(values) for n in rng.sample(["a", "b", "c", "d", "e"], rng.randint(0, 5))}
+            ok = validator.is_valid(args)
+            valid += ok
+            if check(args):
+                accepted += 1
+                assert ok, (schema, args)
+    assert accepted >= 0.9 * valid > 0
+    for not_plain in ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0}}},
+                      {"type": "object", "properties": {"a": {"type": ["string", "null"]}}},
+                      {"type": "object", "properties": {"a": {"type": "string", "format": "date"}}},
+                      {"type": "object", "additionalProperties": {"type": "string"}},
+                      {"type": "object", "properties": {"a": {"$ref": "#/$defs/x"}}, "$defs": {"x": {}}},
+                      {"type": "array"}):
+        assert quick_check(not_plain) is None, not_plain

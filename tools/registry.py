@@ -41,7 +41,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
 from agentrt.tools.schema import (check_parameters, derive_parameters, is_unbound_method,
-                                  parse_docstring, pydantic_problems, schema_problems, show, usage)
+                                  parse_docstring, pydantic_problems, quick_check, schema_problems, show, usage)
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _MISSING: Any = object()
@@ -96,6 +96,7 @@ class Tool:
     side_effects: bool = False
     args_model: type[BaseModel] | None = field(default=None, repr=False)
     validator: Draft202012Validator = field(init=False, repr=False)
+    _quick: Callable[[Any], bool] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -105,6 +106,7 @@ class Tool:
         _check_positive(self.timeout, f"timeout of tool `{self.name}`")
         self.validator = Draft202012Validator(self.parameters,
                                               format_checker=Draft202012Validator.FORMAT_CHECKER)
+        self._quick = quick_check(self.parameters)
 
     def schema(self) -> dict[str, Any]:
         """The OpenAI tool shape: `{"type": "function", "function": {name, description, parameters}}`."""
@@ -121,7 +123,8 @@ class Tool:
         Arguments are validated against `parameters`, then coerced by `args_model` (nested
         models become instances, enum values Enum members).
         """
-        problems = schema_problems(self.validator, arguments)
+        valid = self._quick is not None and self._quick(arguments)
+        problems = [] if valid else schema_problems(self.validator, arguments)
         if problems or self.args_model is None:
             return dict(arguments), problems
         try:

@@ -444,6 +444,9 @@ class ToolRegistry:
 
     async def dispatch_many(self, calls: Iterable[Any], *, timeout: float | None = None) -> list[ToolResult]:
         """Dispatch all `calls` concurrently; the results are in call order."""
+        calls = list(calls)
+        if len(calls) == 1:  # the common turn: no task (and loop round trip) for one call
+            return [await self.dispatch(calls[0], timeout=timeout)]
         return list(await asyncio.gather(*(self.dispatch(c, timeout=timeout) for c in calls)))
 
     async def _dispatch(self, call: Any, timeout: float | None) -> ToolResult:

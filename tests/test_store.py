@@ -7,6 +7,7 @@ Every test runs on a temporary SQLite file and, when AGENTRT_TEST_POSTGRES_URL i
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import math
 import os
@@ -544,6 +545,11 @@ def test_the_writer_process_stores_what_the_writer_thread_stores(tmp_path):
         def __str__(self) -> str:
             return "an opaque object"
 
+    class Info(dict):  # a container subclass the writer process cannot import either
+        pass
+
+    Pair = collections.namedtuple("Pair", "left right")
+
     def record(store: Store) -> None:
         store.run_started("r", {"colour": Colour.RED})
         store.trajectory_started("t", "r", "a", {"task": "t"})
@@ -557,6 +563,7 @@ def test_the_writer_process_stores_what_the_writer_thread_stores(tmp_path):
         store.tool_call("t", {"id": "c2", "name": "f", "arguments": {"p": Point(1, 2)}}, Opaque())
         store.reward("t", "score", 1.0, {"where": Point(0.5, 1.5), "ids": {4}})
         store.event("t", "note", {"colour": Colour.RED, "thing": Opaque()})
+        store.event("t", "more", Info(pair=Pair(1, Info(x=2))))
 
     def read(store: Store) -> tuple:
         calls = store.model_calls("t")
@@ -569,9 +576,10 @@ def test_the_writer_process_stores_what_the_writer_thread_stores(tmp_path):
         with Store(tmp_path / f"{writer}.db", writer=writer) as store:
             record(store)
             store.flush()
-            assert store.stats().lost == 0 and store.flushed_events == 10
+            assert store.stats().lost == 0 and store.flushed_events == 11
             seen[writer] = read(store)
     assert seen["process"] == seen["thread"]
+    assert seen["process"][4][-1] == {"pair": [1, {"x": 2}]}
     tool_calls = seen["process"][2]
     assert tool_calls[0][1] == {"value": 7, "colour": "red"} and tool_calls[1] == ({"p": {"x": 1, "y": 2}},
                                                                                      "an opaque object")

@@ -28,6 +28,8 @@ import threading
 from collections import deque
 from typing import Any, BinaryIO
 
+from agentrt.llm import ChatOptions
+
 from .schema import jsonable, make_engine, prepare
 
 log = logging.getLogger("agentrt.store")
@@ -46,13 +48,7 @@ class ToolsRef(tuple):
     __slots__ = ()
 
 
-def _as_is() -> frozenset[type]:
-    from agentrt.llm import ChatOptions
-
-    return frozenset({ChatOptions})
-
-
-AS_IS = _as_is()
+AS_IS = frozenset({ChatOptions})  # agentrt's own record types, which the writer process can import
 
 
 class RecordPickler(pickle.Pickler):
@@ -71,8 +67,9 @@ class RecordPickler(pickle.Pickler):
             return _plain, (int(obj),)
         if isinstance(obj, float):
             return _plain, (float(obj),)
-        if isinstance(obj, (dict, list, tuple, set, frozenset, bytes)):
-            return NotImplemented
+        for base in (dict, list, tuple, set, frozenset, bytes):  # subclasses (a caller's own, a namedtuple):
+            if isinstance(obj, base):  # the base type, which the writer process can always rebuild
+                return _plain, (base(obj),)
         return _plain, (jsonable(obj),)
 
 

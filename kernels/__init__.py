@@ -6,10 +6,13 @@
 | mamba | conv1d (prefill, varlen, one-token), SSD scan, state update, gated RMSNorm | `triton_mamba`, `triton_ssd` |
 | moe | `moe_experts_ref`, `moe_align_ref`, `moe_forward_ref` | `triton_moe` |
 
-The engine uses the Triton kernels on CUDA and the torch paths on CPU. `AGENTRT_KERNELS` overrides
-that: `ref` forces the torch paths on CUDA (to debug a kernel), `triton` forces the kernels on CPU
-(run by Triton's interpreter when `TRITON_INTERPRET=1`; that is how the tests check the kernel
-forward without a GPU). The `triton_*` modules import triton, so nothing here imports them.
+The engine uses the Triton kernels on CUDA and the torch paths on CPU, where `cpu` adds C kernels
+(`cpu_*.c`: the Mamba mixer over pooled states) built at first use with the system C compiler,
+each checked against its torch reference; without a compiler the torch paths stay. `AGENTRT_KERNELS`
+overrides that: `ref` forces the torch references everywhere (C kernels off too; on CUDA, to debug
+a kernel), `triton` forces the Triton kernels on CPU (run by Triton's interpreter when
+`TRITON_INTERPRET=1`; that is how the tests check the kernel forward without a GPU). The
+`triton_*` modules import triton, so nothing here imports them.
 """
 
 from __future__ import annotations

@@ -55,3 +55,47 @@ def ssd_scan_varlen_ref(
         y[s:e] = yb[0]
         ssm_pool[slot] = final[0]
     return y
+
+
+def mamba_mix_varlen_ref(
+    zxbcdt: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    state_idx: torch.Tensor,
+    conv_pool: torch.Tensor,
+    ssm_pool: torch.Tensor,
+    *,
+    heads: int,
+    groups: int,
+    dt_bias: torch.Tensor,
+    A_log: torch.Tensor,
+    D: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    dt_min: float,
+    eps: float,
+    group_size: int,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """The whole Mamba-2 mixer between in- and out-projection, over sequences packed end to end,
+    every sequence continuing from the conv window and SSM state in its pool slot (updated in place).
+
+    zxbcdt: [T, inner + conv_dim + heads], the in-projection (gate | xBC | dt); conv_pool [S,
+    conv_dim, K-1] and ssm_pool [S, heads, head_dim, N] fp32; conv_weight [conv_dim, K]. Returns
+    the gated RMSNorm's output [T, inner] in zxbcdt's dtype. The composition of the references:
+    `causal_conv1d_varlen_ref`, `ssd_scan_varlen_ref` and `gated_rmsnorm_ref`.
+    """
+    from agentrt.kernels.mamba import causal_conv1d_varlen_ref, gated_rmsnorm_ref
+
+    T = zxbcdt.shape[0]
+    conv_dim, head_dim, N = conv_pool.shape[1], ssm_pool.shape[2], ssm_pool.shape[3]
+    inner = heads * head_dim
+    gate, xBC, dt = zxbcdt.split([inner, conv_dim, heads], dim=-1)
+    dt = torch.nn.functional.softplus(dt.float() + dt_bias.float()).clamp(min=dt_min)
+    A = -torch.exp(A_log.float())
+    keep = torch.ones(len(state_idx), dtype=torch.bool, device=zxbcdt.device)
+    h = causal_conv1d_varlen_ref(xBC, conv_weight, conv_bias, conv_pool, state_idx, keep, cu_seqlens)
+    xs, B, C = h.split([inner, groups * N, groups * N], dim=-1)
+    y = ssd_scan_varlen_ref(xs.reshape(T, heads, head_dim), dt, A, B.reshape(T, groups, N), C.reshape(T, groups, N),
+                            D, chunk_size, cu_seqlens, ssm_pool, state_idx, keep)
+    return gated_rmsnorm_ref(y.reshape(T, inner), gate, norm_weight, group_size, eps)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agentrt.kernels import cpu as cpu_kernels
 from agentrt.kernels import use_triton
 from agentrt.kernels.mamba import (
     causal_conv1d_ref,
@@ -176,7 +177,17 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, x: torch.Tensor, view: StateView) -> torch.Tensor:
         # x: [T, hidden]
-        gate, xBC, dt = self.in_proj(x).split([self.inner, self.conv_dim, self.heads], dim=-1)
+        zxbcdt = self.in_proj(x)
+        pools = view.mamba_pools(self.layer) if hasattr(view, "mamba_pools") else None
+        if pools is not None and cpu_kernels.mamba_mix_fits(zxbcdt, pools[0], pools[1]):
+            # CPU, states in pool slots: the C kernel, in place (the same arithmetic as below)
+            y = cpu_kernels.mamba_mix(
+                zxbcdt, view.cu_seqlens, pools[2], pools[0], pools[1], heads=self.heads, groups=self.groups,
+                dt_bias=self.dt_bias, A_log=self.A_log, D=self.D, conv_weight_t=self._conv_weight_t(),
+                conv_bias=self.conv1d.bias, norm_weight=self.norm.weight, dt_min=self.dt_min, eps=self.eps,
+                group_size=self.inner // self.groups)
+            return self.out_proj(y.to(x.dtype))
+        gate, xBC, dt = zxbcdt.split([self.inner, self.conv_dim, self.heads], dim=-1)
         # dt: softplus(dt + bias), clamped below at time_step_min as the reference prefill does
         dt = F.softplus(dt + self.dt_bias).clamp(min=self.dt_min)
         A = -torch.exp(self.A_log.float())
@@ -249,6 +260,15 @@ class Mamba2Mixer(nn.Module):
             y[tok] = ssd_scan_varlen(xs, dt[tok], A, B, C, self.D, self.chunk_size, view.prefill_cu, ssm_pool,
                                      view.prefill_slots, view.prefill_initial)
         return gated_rmsnorm(y.view(T, -1), gate, self.norm.weight, self.inner // self.groups, self.eps)
+
+    def _conv_weight_t(self) -> torch.Tensor:
+        """The conv weight tap-major ([K, conv_dim], contiguous), as the C kernel reads it; cached."""
+        w = self.conv1d.weight
+        key = (w.data_ptr(), w._version)
+        if getattr(self, "_conv_t_key", None) != key:
+            self._conv_t = w.detach()[:, 0].t().contiguous()
+            self._conv_t_key = key
+        return self._conv_t
 
     def _split(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # h: [n, conv_dim] -> x [n, H, P], B [n, G, N], C [n, G, N]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
@@ -31,7 +33,8 @@ class PagedView:
         self.seq_lens = [n for _, n in batch]
         tables = [s.slot_table(s.computed + n, device) for s, n in batch]
         self.new_slots = torch.cat([t[s.computed:] for t, (s, _) in zip(tables, batch)])
-        starts = [sum(self.seq_lens[:i]) for i in range(len(batch))]
+        self.cu_seqlens = [0, *itertools.accumulate(self.seq_lens)]
+        starts = self.cu_seqlens[:-1]
         self.segments = [(starts[i], n) for i, n in enumerate(self.seq_lens)]
         if states is not None:
             self.state_idx = torch.tensor([s.state_slot for s, _ in batch], device=device)
@@ -112,6 +115,10 @@ class PagedView:
         ks = K.index_select(0, self.decode_slots).view(B, self.decode_width, Hkv, D).transpose(1, 2)
         vs = V.index_select(0, self.decode_slots).view(B, self.decode_width, Hkv, D).transpose(1, 2)
         return attention_lse(qg, ks, vs, self.decode_mask, self.scale)
+
+    def mamba_pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(conv pool, SSM pool, each sequence's slot): for kernels that update the slots in place."""
+        return self.states.conv[layer], self.states.ssm[layer], self.state_idx
 
     def mamba_states(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.states.conv[layer][self.state_idx], self.states.ssm[layer][self.state_idx]

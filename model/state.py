@@ -6,7 +6,9 @@ end to end. Layers never touch storage directly; they ask a `StateView`:
 - attention layers call `view.attention(layer, q, k, v)`: the view stores the new K/V and
   attends over each sequence's cached prefix plus its new tokens;
 - Mamba layers call `view.mamba_states(layer)` for the stacked conv windows and SSM states of
-  the batch's sequences, and `view.set_mamba_states(...)` to write them back.
+  the batch's sequences, and `view.set_mamba_states(...)` to write them back. A view over pools
+  may also offer `mamba_pools(layer)` (the pools and each sequence's slot) with `cu_seqlens`;
+  the C kernel of the CPU path then updates the slots in place instead.
 
 `SequenceState` keeps one sequence's caches in contiguous tensors; the engine's paged KV pool and
 Mamba state-slot pool implement the same `StateView` methods over shared storage.

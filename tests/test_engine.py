@@ -83,7 +83,18 @@ def teacher_forced(engine: Engine, streams: list[tuple[list[int], int]]) -> list
     return [out[id(s)] for s in seqs]
 
 
-def test_batching_changes_no_logits(lm):
+@pytest.fixture(params=["c", "torch"])
+def mamba_path(request, monkeypatch):
+    """The engine's two CPU paths through Mamba layers: the C kernel on pooled states, or torch ops."""
+    from agentrt.kernels import cpu
+
+    monkeypatch.setenv(cpu.CPU_KERNELS_ENV, "1" if request.param == "c" else "0")
+    if request.param == "c" and not cpu.available():
+        pytest.skip("no C compiler here: the engine runs the torch path only")
+    return request.param
+
+
+def test_batching_changes_no_logits(lm, mamba_path):
     """32 requests, mixed prefill chunks and decodes in the same steps, match each request alone."""
     engine = Engine(lm, EngineConfig(token_budget=96, max_running=32))
     rng = random.Random(0)
@@ -119,7 +130,7 @@ def test_greedy_engine_output_equals_the_single_sequence_loop(lm):
         assert r.finish_reason == "length" and r.counts.output == 12
 
 
-def test_multi_turn_session_resumes_from_the_cache(lm):
+def test_multi_turn_session_resumes_from_the_cache(lm, mamba_path):
     """Turn 2 prefills only its new tokens and gives the logits of a from-scratch run."""
     engine = Engine(lm)
     turn1 = ids(80, 3)

@@ -20,7 +20,7 @@ def test_wheel_layout_and_import(tmp_path):
     (wheel,) = tmp_path.glob("agentrt-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for expected in ["agentrt/__init__.py", "agentrt/model/network.py", "agentrt/model/templates/tiny.jinja",
-                     "agentrt/model/templates/nemotron3.jinja", "agentrt/kernels/mamba.py",
+                     "agentrt/model/templates/nemotron3.jinja", "agentrt/kernels/mamba.py", "agentrt/kernels/cpu_mamba.c",
                      "agentrt/tools/__init__.py", "agentrt/environments/__init__.py"]:
         assert expected in names
     assert not [n for n in names if n.split("/")[0] in {"model", "kernels", "tools", "environments", "tests"}]

@@ -1,0 +1,175 @@
+"""C kernels for the CPU path, built at first use with the system C compiler and called through ctypes.
+
+On CPU, eager PyTorch spends most of a small model's decode step on operator overhead rather
+than arithmetic; where one layer needs dozens of small operators, one C function does the same
+work in a single pass over its data. The sources sit beside this module (`cpu_*.c`); each is
+compiled once per source and machine (`-O3 -march=native`, OpenMP on the caller's thread team)
+into `$AGENTRT_HOME/kernels/` and reused by later processes. Each kernel is checked against its
+torch reference (tests/test_cpu_kernels.py).
+
+Nothing depends on them: without a C compiler, or with `AGENTRT_CPU_KERNELS=0` (or
+`AGENTRT_KERNELS=ref`), the engine keeps the torch paths and `available()` is false. A failed
+build says why once, as a warning, and falls back the same way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+CPU_KERNELS_ENV = "AGENTRT_CPU_KERNELS"
+SOURCES = ("cpu_mamba.c",)
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared")
+
+_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+_SIGNATURES = {
+    "agentrt_mamba_mix_f32": [_i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr,
+                              _ptr, _ptr, _ptr, _f32, _f32, _i64, _ptr, _ptr, _ptr, _ptr, ctypes.c_int],
+}
+
+
+def enabled() -> bool:
+    """Whether the environment allows the C kernels (`AGENTRT_CPU_KERNELS=0` or `AGENTRT_KERNELS=ref` forbid)."""
+    from agentrt.kernels import kernel_mode
+
+    flag = os.environ.get(CPU_KERNELS_ENV, "1").strip().lower()
+    if flag not in ("0", "1", "false", "true", "no", "yes", "off", "on", ""):
+        raise ValueError(f"{CPU_KERNELS_ENV}={flag!r}: use 1 to allow the C kernels of the CPU path or 0 to keep "
+                         "the torch paths")
+    return flag not in ("0", "false", "no", "off") and kernel_mode() != "ref"
+
+
+def available() -> bool:
+    """Whether the C kernels can be used here (allowed, and built or buildable)."""
+    return enabled() and library() is not None
+
+
+def _cache_dir() -> Path:
+    home = Path(os.environ.get("AGENTRT_HOME", Path.home() / ".cache" / "agentrt"))
+    return home / "kernels"
+
+
+def _machine_key() -> str:
+    """What a `-march=native` build depends on besides the source: the CPU's flags and the compiler."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()}|{platform.processor()}|{flags}|{os.environ.get('CC', '')}"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build(target: Path, sources: list[Path]) -> str | None:
+    """Compile the sources into `target` (atomically); return None on success, else the reason."""
+    cc = _compiler()
+    if cc is None:
+        return "no C compiler found (set CC, or install gcc)"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        errors = ""
+        for openmp in (["-fopenmp"], []):  # without OpenMP the kernels run on one thread
+            done = subprocess.run([cc, *FLAGS, *openmp, *map(str, sources), "-o", tmp, "-lm"],
+                                  capture_output=True, text=True)
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return None
+            errors = done.stderr.strip()[-2000:]
+        return f"{cc} failed: {errors}"
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built kernels (building them if this source and machine have no build yet), or None."""
+    if not enabled() or platform.system() == "Windows":
+        return None
+    here = Path(__file__).resolve().parent
+    sources = [here / name for name in SOURCES]
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(path.read_bytes())
+    digest.update(" ".join(FLAGS).encode())
+    digest.update(_machine_key().encode())
+    target = _cache_dir() / f"cpu-{digest.hexdigest()[:16]}.so"
+    if not target.exists():
+        reason = _build(target, sources)
+        if reason is not None:
+            warnings.warn(f"agentrt: the C kernels of the CPU path could not be built, using the torch paths: {reason}",
+                          RuntimeWarning, stacklevel=2)
+            return None
+    lib = ctypes.CDLL(str(target))
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def _ptr_of(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def mamba_mix_fits(zxbcdt: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.Tensor) -> bool:
+    """Whether `mamba_mix` takes these tensors: float32 on CPU, and the kernels available."""
+    return (zxbcdt.device.type == "cpu" and zxbcdt.dtype == conv_pool.dtype == ssm_pool.dtype == torch.float32
+            and available())
+
+
+def mamba_mix(zxbcdt: torch.Tensor, cu_seqlens: list[int], slots: torch.Tensor, conv_pool: torch.Tensor,
+              ssm_pool: torch.Tensor, *, heads: int, groups: int, dt_bias: torch.Tensor, A_log: torch.Tensor,
+              D: torch.Tensor, conv_weight_t: torch.Tensor, conv_bias: torch.Tensor | None, norm_weight: torch.Tensor,
+              dt_min: float, eps: float, group_size: int) -> torch.Tensor:
+    """`mamba_mix_varlen_ref` in C: the Mamba-2 mixer between in- and out-projection, states in place.
+
+    zxbcdt: [T, inner + conv_dim + heads], the in-projection of T tokens of len(cu_seqlens) - 1
+    sequences end to end; slots: [B] int64, each sequence's slot in conv_pool [S, conv_dim, K-1]
+    and ssm_pool [S, heads, head_dim, N] (both float32, updated in place: every sequence continues
+    from what its slot holds); conv_weight_t: [K, conv_dim] (the conv weight, tap-major). Returns
+    [T, inner] float32.
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the C kernels are not available here; check mamba_mix_fits() first")
+    T, width = zxbcdt.shape
+    S, conv_dim, window = conv_pool.shape
+    head_dim, state = ssm_pool.shape[2], ssm_pool.shape[3]
+    inner = width - conv_dim - heads
+    nseq = len(cu_seqlens) - 1
+    if zxbcdt.stride(1) != 1 or cu_seqlens[-1] != T or slots.shape != (nseq,) or inner != heads * head_dim:
+        raise ValueError(f"mamba_mix: zxbcdt {tuple(zxbcdt.shape)} (row stride {zxbcdt.stride(0)}), "
+                         f"{nseq} sequences of {cu_seqlens[-1]} tokens, slots {tuple(slots.shape)}, "
+                         f"heads {heads} x head_dim {head_dim}: shapes do not agree")
+    if not (conv_pool.is_contiguous() and ssm_pool.is_contiguous() and slots.dtype == torch.int64
+            and conv_weight_t.shape == (window + 1, conv_dim) and conv_weight_t.is_contiguous()):
+        raise ValueError("mamba_mix: pools and conv_weight_t must be contiguous, slots int64")
+    params = [p.detach().float().contiguous() for p in (dt_bias, A_log, D, norm_weight)]
+    bias = None if conv_bias is None else conv_bias.detach().float().contiguous()
+    cu = torch.tensor(cu_seqlens, dtype=torch.int64)
+    slots = slots.contiguous()
+    work = torch.empty(T, conv_dim + inner, dtype=torch.float32)
+    out = torch.empty(T, inner, dtype=torch.float32)
+    lib.agentrt_mamba_mix_f32(
+        nseq, cu.data_ptr(), slots.data_ptr(), heads, head_dim, state, groups, window + 1, inner,
+        zxbcdt.data_ptr(), zxbcdt.stride(0), params[0].data_ptr(), params[1].data_ptr(), params[2].data_ptr(),
+        conv_weight_t.data_ptr(), _ptr_of(bias), params[3].data_ptr(), dt_min, eps, group_size,
+        conv_pool.data_ptr(), ssm_pool.data_ptr(), work.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out

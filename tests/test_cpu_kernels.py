@@ -1,0 +1,97 @@
+"""The C kernels of the CPU path (`agentrt.kernels.cpu`) against their torch references."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from agentrt.kernels import cpu
+from agentrt.kernels.mamba_varlen import mamba_mix_varlen_ref
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C compiler: the CPU path keeps its torch kernels")
+
+
+def _mixer_inputs(lengths: list[int], *, heads=4, head_dim=8, groups=2, state=16, kernel=4, slots=11, bias=True,
+                  seed=0):
+    g = torch.Generator().manual_seed(seed)
+    inner = heads * head_dim
+    conv_dim = inner + 2 * groups * state
+    T = sum(lengths)
+    rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    return dict(
+        zxbcdt=rand(T, inner + conv_dim + heads),
+        cu=[0, *itertools.accumulate(lengths)],
+        slots=torch.randperm(slots, generator=g)[:len(lengths)],
+        conv_pool=rand(slots, conv_dim, kernel - 1),
+        ssm_pool=rand(slots, heads, head_dim, state),
+        params=dict(heads=heads, groups=groups, dt_bias=rand(heads), A_log=rand(heads) * 0.5, D=rand(heads),
+                    conv_bias=rand(conv_dim) if bias else None, norm_weight=1 + 0.1 * rand(inner),
+                    dt_min=1e-3, eps=1e-5, group_size=inner // groups),
+        conv_weight=rand(conv_dim, kernel) / 2,
+    )
+
+
+@pytest.mark.parametrize("lengths", [[1] * 7, [3], [1, 5, 2, 1, 70], [2, 1], [130, 1, 64]])
+@pytest.mark.parametrize("bias", [True, False])
+def test_mamba_mix_matches_reference(lengths, bias):
+    a = _mixer_inputs(lengths, bias=bias, seed=len(lengths) + sum(lengths))
+    conv_ref, ssm_ref = a["conv_pool"].clone(), a["ssm_pool"].clone()
+    expected = mamba_mix_varlen_ref(a["zxbcdt"], torch.tensor(a["cu"]), a["slots"], conv_ref, ssm_ref,
+                                    conv_weight=a["conv_weight"], chunk_size=16, **a["params"])
+    conv, ssm = a["conv_pool"].clone(), a["ssm_pool"].clone()
+    got = cpu.mamba_mix(a["zxbcdt"], a["cu"], a["slots"], conv, ssm,
+                        conv_weight_t=a["conv_weight"].t().contiguous(), **a["params"])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ssm, ssm_ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(conv, conv_ref)  # the window shift moves inputs, no arithmetic
+    untouched = [s for s in range(conv.shape[0]) if s not in a["slots"].tolist()]
+    assert torch.equal(ssm[untouched], a["ssm_pool"][untouched])
+
+
+def test_mamba_mix_continues_across_calls():
+    """A sequence fed in two calls ends where one call over all its tokens ends (the decode loop)."""
+    a = _mixer_inputs([9], seed=3)
+    conv1, ssm1 = a["conv_pool"].clone(), a["ssm_pool"].clone()
+    kw = dict(conv_weight_t=a["conv_weight"].t().contiguous(), **a["params"])
+    whole = cpu.mamba_mix(a["zxbcdt"], a["cu"], a["slots"], conv1, ssm1, **kw)
+    conv2, ssm2 = a["conv_pool"].clone(), a["ssm_pool"].clone()
+    parts = [cpu.mamba_mix(a["zxbcdt"][s:e], [0, e - s], a["slots"], conv2, ssm2, **kw) for s, e in
+             [(0, 1), (1, 2), (2, 6), (6, 7), (7, 9)]]
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ssm2, ssm1, rtol=1e-5, atol=1e-5)
+    assert torch.equal(conv2, conv1)
+
+
+def test_mamba_mix_rejects_mismatched_shapes():
+    a = _mixer_inputs([2, 3])
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        cpu.mamba_mix(a["zxbcdt"], [0, 2, 4], a["slots"], a["conv_pool"], a["ssm_pool"],
+                      conv_weight_t=a["conv_weight"].t().contiguous(), **a["params"])
+
+
+@pytest.mark.parametrize("value", ["0", "off"])
+def test_switched_off_by_environment(value, monkeypatch):
+    code = "from agentrt.kernels import cpu; print(cpu.available())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, cpu.CPU_KERNELS_ENV: value})
+    assert out.stdout.strip() == "False"
+    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ, cpu.CPU_KERNELS_ENV: "maybe"})
+    assert bad.returncode != 0 and "AGENTRT_CPU_KERNELS='maybe'" in bad.stderr
+
+
+def test_build_failure_falls_back_with_a_warning(tmp_path, monkeypatch):
+    """A compiler that fails leaves the torch paths in place and says why, once."""
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'fake compiler: no' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "from agentrt.kernels import cpu; print(cpu.available(), cpu.available())")
+    env = {**__import__("os").environ, "CC": str(fake), "AGENTRT_HOME": str(tmp_path / "home")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "False False"
+    assert out.stderr.count("could not be built") == 1 and "fake compiler: no" in out.stderr

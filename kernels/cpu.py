@@ -28,14 +28,16 @@ from pathlib import Path
 import torch
 
 CPU_KERNELS_ENV = "AGENTRT_CPU_KERNELS"
-SOURCES = ("cpu_mamba.c",)
+SOURCES = ("cpu_mamba.c", "cpu_moe.c")
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared")
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {
     "agentrt_mamba_mix_f32": [_i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr,
                               _ptr, _ptr, _ptr, _f32, _f32, _i64, _ptr, _ptr, _ptr, _ptr, ctypes.c_int],
+    "agentrt_moe_experts_f32": [_i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int],
 }
+_RESTYPES = {"agentrt_moe_experts_f32": ctypes.c_int}
 
 
 def enabled() -> bool:
@@ -120,7 +122,7 @@ def library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
+        fn.argtypes, fn.restype = argtypes, _RESTYPES.get(name)
     return lib
 
 
@@ -172,4 +174,41 @@ def mamba_mix(zxbcdt: torch.Tensor, cu_seqlens: list[int], slots: torch.Tensor, 
         zxbcdt.data_ptr(), zxbcdt.stride(0), params[0].data_ptr(), params[1].data_ptr(), params[2].data_ptr(),
         conv_weight_t.data_ptr(), _ptr_of(bias), params[3].data_ptr(), dt_min, eps, group_size,
         conv_pool.data_ptr(), ssm_pool.data_ptr(), work.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+MOE_MAX_ROWS_PER_EXPERT = 8  # beyond this many (token, choice) pairs per expert, batched matmuls win
+
+
+def moe_experts_fits(x: torch.Tensor, up: torch.Tensor, topk_ids: torch.Tensor) -> bool:
+    """Whether `moe_experts` is the faster path here: float32 on CPU, decode-sized (a few rows per
+    expert: the C kernel multiplies row by row, where a large batch wants matmuls), kernels built."""
+    return (x.device.type == "cpu" and x.dtype == up.dtype == torch.float32
+            and topk_ids.numel() <= MOE_MAX_ROWS_PER_EXPERT * up.shape[0] and available())
+
+
+def moe_experts(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor) -> torch.Tensor:
+    """`moe_experts_ref` in C. x: [T, Din]; up: [E, I, Din]; down: [E, Din, I]; topk_ids: [T, k];
+    topk_weights: [T, k]. Returns [T, Din] float32."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the C kernels are not available here; check moe_experts_fits() first")
+    T, d_in = x.shape
+    E, inter = up.shape[0], up.shape[1]
+    k = topk_ids.shape[1]
+    if up.shape != (E, inter, d_in) or down.shape != (E, d_in, inter) or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"moe_experts: x {tuple(x.shape)}, up {tuple(up.shape)}, down {tuple(down.shape)}, "
+                         f"ids {tuple(topk_ids.shape)}, weights {tuple(topk_weights.shape)}: shapes do not agree")
+    ids = topk_ids.to(torch.int64).contiguous()
+    if T and (int(ids.min()) < 0 or int(ids.max()) >= E):
+        raise ValueError(f"moe_experts: expert ids must lie in [0, {E}), got {int(ids.min())}..{int(ids.max())}")
+    x, up, down = x.contiguous(), up.detach().contiguous(), down.detach().contiguous()
+    weights = topk_weights.to(torch.float32).contiguous()
+    work = torch.empty(T * k, d_in + inter, dtype=torch.float32)
+    out = torch.empty(T, d_in, dtype=torch.float32)
+    if lib.agentrt_moe_experts_f32(T, k, E, inter, d_in, x.data_ptr(), up.data_ptr(), down.data_ptr(),
+                                   ids.data_ptr(), weights.data_ptr(), work.data_ptr(), out.data_ptr(),
+                                   torch.get_num_threads()) != 0:
+        raise MemoryError("moe_experts: the C kernel could not allocate its index arrays")
     return out

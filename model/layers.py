@@ -102,6 +102,8 @@ class Experts(nn.Module):
             from agentrt.kernels.triton_moe import moe_experts as moe_experts_triton
 
             return moe_experts_triton(x, self.up_proj, self.down_proj, ids, weights)
+        if cpu_kernels.moe_experts_fits(x, self.up_proj, ids):  # decode-sized batches on CPU
+            return cpu_kernels.moe_experts(x, self.up_proj, self.down_proj, ids, weights).to(x.dtype)
         return moe_experts(x, self.up_proj, self.down_proj, ids, weights)
 
 

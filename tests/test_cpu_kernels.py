@@ -95,3 +95,34 @@ def test_build_failure_falls_back_with_a_warning(tmp_path, monkeypatch):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "False False"
     assert out.stderr.count("could not be built") == 1 and "fake compiler: no" in out.stderr
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 16, 4), (7, 16, 4), (32, 16, 4), (5, 8, 1), (3, 4, 4), (13, 2, 2)])
+def test_moe_experts_matches_reference(T, E, k):
+    from agentrt.kernels.moe import moe_experts_ref
+
+    g = torch.Generator().manual_seed(T * 100 + E + k)
+    d_in, inter = 24, 40
+    x = torch.randn(T, d_in, generator=g)
+    up = torch.randn(E, inter, d_in, generator=g) / d_in**0.5
+    down = torch.randn(E, d_in, inter, generator=g) / inter**0.5
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    weights = torch.rand(T, k, generator=g)
+    got = cpu.moe_experts(x, up, down, ids, weights)
+    torch.testing.assert_close(got, moe_experts_ref(x, up, down, ids, weights), rtol=1e-5, atol=1e-5)
+
+
+def test_moe_experts_is_chosen_for_decode_sizes_only():
+    up = torch.empty(16, 32, 8)
+    decode, prefill = torch.zeros(32, 4, dtype=torch.long), torch.zeros(1000, 4, dtype=torch.long)
+    assert cpu.moe_experts_fits(torch.empty(32, 8), up, decode)
+    assert not cpu.moe_experts_fits(torch.empty(1000, 8), up, prefill)
+    assert not cpu.moe_experts_fits(torch.empty(32, 8, dtype=torch.float16), up.half(), decode)
+
+
+def test_moe_experts_rejects_bad_ids():
+    x, up, down = torch.randn(2, 8), torch.randn(4, 6, 8), torch.randn(4, 8, 6)
+    empty = cpu.moe_experts(x[:0], up, down, torch.zeros(0, 2, dtype=torch.long), torch.ones(0, 2))
+    assert empty.shape == (0, 8)
+    with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 4\), got 0..4"):
+        cpu.moe_experts(x, up, down, torch.tensor([[0, 4], [1, 2]]), torch.ones(2, 2))

@@ -39,6 +39,8 @@ class Match:
 def common_prefix(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix (binary search over C-speed slice comparisons)."""
     lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:  # the common case in a lookup: the whole edge matches
+        return hi
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if a[:mid] == b[:mid]:

@@ -235,4 +235,8 @@ class Scheduler:
 
 def _shares(a: Sequence, b: Sequence, n: int) -> bool:
     """Whether two prompts share at least n tokens (one slice comparison, before any search)."""
-    return len(a.tokens) >= n and a.tokens[:n] == b.tokens[:n]
+    if n <= 0:
+        return True
+    if len(a.tokens) < n or len(b.tokens) < n or a.tokens[n - 1] != b.tokens[n - 1]:
+        return False  # most pairs differ there: no copies made
+    return a.tokens[:n] == b.tokens[:n]

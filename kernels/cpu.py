@@ -41,10 +41,20 @@ _RESTYPES = {"agentrt_moe_experts_f32": ctypes.c_int}
 
 
 def enabled() -> bool:
-    """Whether the environment allows the C kernels (`AGENTRT_CPU_KERNELS=0` or `AGENTRT_KERNELS=ref` forbid)."""
+    """Whether the environment allows the C kernels (`AGENTRT_CPU_KERNELS=0` or `AGENTRT_KERNELS=ref` forbid).
+
+    Read on every call (a test or a user may change it at run time), decided once per pair of values.
+    """
+    from agentrt.kernels import KERNELS_ENV
+
+    return _enabled(os.environ.get(CPU_KERNELS_ENV), os.environ.get(KERNELS_ENV))
+
+
+@functools.lru_cache(maxsize=16)
+def _enabled(flag: str | None, mode: str | None) -> bool:
     from agentrt.kernels import kernel_mode
 
-    flag = os.environ.get(CPU_KERNELS_ENV, "1").strip().lower()
+    flag = (flag or "1").strip().lower()
     if flag not in ("0", "1", "false", "true", "no", "yes", "off", "on", ""):
         raise ValueError(f"{CPU_KERNELS_ENV}={flag!r}: use 1 to allow the C kernels of the CPU path or 0 to keep "
                          "the torch paths")

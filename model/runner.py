@@ -32,7 +32,8 @@ class PagedView:
         self.kv, self.states, self.scale, self.groups = kv, states, scale, groups
         self.seq_lens = [n for _, n in batch]
         tables = [s.slot_table(s.computed + n, device) for s, n in batch]
-        self.new_slots = torch.cat([t[s.computed:] for t, (s, _) in zip(tables, batch)])
+        self.new_slots = torch.tensor([slot for s, n in batch for slot in s.slots[s.computed:s.computed + n]],
+                                      device=device)
         self.cu_seqlens = [0, *itertools.accumulate(self.seq_lens)]
         starts = self.cu_seqlens[:-1]
         self.segments = [(starts[i], n) for i, n in enumerate(self.seq_lens)]
@@ -50,8 +51,8 @@ class PagedView:
         self.shared: slice | torch.Tensor | None = None
         if shared >= SHARED_MIN:
             slots = tables[0][:shared]
-            first = int(slots[0])
-            contiguous = bool((slots == torch.arange(first, first + shared, device=device)).all())
+            first = batch[0][0].slots[0]
+            contiguous = batch[0][0].slots[:shared] == list(range(first, first + shared))
             self.shared = slice(first, first + shared) if contiguous else slots
         else:
             shared = 0
@@ -66,7 +67,8 @@ class PagedView:
             hidden = torch.arange(table.shape[1], device=device)[None, :] >= lengths[:, None]
             self.decode_mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(
                 hidden, -torch.inf)[:, None, None, :]
-            self.decode_tok = torch.tensor([starts[i] for i in self.decode], device=device)
+            if not self.all_decode:
+                self.decode_tok = torch.tensor([starts[i] for i in self.decode], device=device)
         self.prefill = []  # (start, n, own slots, causal mask over them)
         for i, (s, n) in enumerate(batch):
             if n > 1:

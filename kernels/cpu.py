@@ -29,7 +29,9 @@ import torch
 
 CPU_KERNELS_ENV = "AGENTRT_CPU_KERNELS"
 SOURCES = ("cpu_mamba.c", "cpu_moe.c")
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared")
+# Compiled with -ffast-math but linked without it: linking with it would add crtfastmath.o, whose
+# constructor turns on flush-to-zero for the whole process when the library loads.
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC")
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {
@@ -93,21 +95,21 @@ def _build(target: Path, sources: list[Path]) -> str | None:
     if cc is None:
         return "no C compiler found (set CC, or install gcc)"
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         errors = ""
         for openmp in (["-fopenmp"], []):  # without OpenMP the kernels run on one thread
-            done = subprocess.run([cc, *FLAGS, *openmp, *map(str, sources), "-o", tmp, "-lm"],
-                                  capture_output=True, text=True)
-            if done.returncode == 0:
-                os.replace(tmp, target)
+            objects = [str(Path(tmp) / f"{src.stem}.o") for src in sources]
+            steps = [[cc, *COMPILE_FLAGS, *openmp, "-c", str(src), "-o", obj] for src, obj in zip(sources, objects)]
+            steps.append([cc, "-shared", *openmp, *objects, "-o", str(Path(tmp) / "lib.so"), "-lm"])
+            for cmd in steps:
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    errors = done.stderr.strip()[-2000:]
+                    break
+            else:
+                os.replace(Path(tmp) / "lib.so", target)
                 return None
-            errors = done.stderr.strip()[-2000:]
         return f"{cc} failed: {errors}"
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @functools.cache
@@ -120,7 +122,7 @@ def library() -> ctypes.CDLL | None:
     digest = hashlib.sha256()
     for path in sources:
         digest.update(path.read_bytes())
-    digest.update(" ".join(FLAGS).encode())
+    digest.update(" ".join(COMPILE_FLAGS).encode())
     digest.update(_machine_key().encode())
     target = _cache_dir() / f"cpu-{digest.hexdigest()[:16]}.so"
     if not target.exists():

@@ -126,3 +126,17 @@ def test_moe_experts_rejects_bad_ids():
     assert empty.shape == (0, 8)
     with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 4\), got 0..4"):
         cpu.moe_experts(x, up, down, torch.tensor([[0, 4], [1, 2]]), torch.ones(2, 2))
+
+
+def test_loading_the_kernels_leaves_floating_point_state_alone():
+    """Subnormal numbers survive once the library is loaded (a -ffast-math link would flush them
+    to zero process-wide)."""
+    code = "\n".join([
+        "import sys, torch",
+        "from agentrt.kernels import cpu",
+        "assert cpu.library() is not None",
+        "tiny = sys.float_info.min",
+        "print(tiny / 4 > 0, (torch.tensor(tiny, dtype=torch.float64) / 4).item() > 0)",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]

@@ -140,3 +140,11 @@ def test_loading_the_kernels_leaves_floating_point_state_alone():
     ])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_one_openmp_runtime_in_the_process():
+    """The kernels' OpenMP regions use the runtime torch loaded, not a second thread pool."""
+    assert cpu.library() is not None
+    runtimes = {line.split()[-1] for line in open("/proc/self/maps") if "gomp" in line or "libiomp" in line}
+    assert len(runtimes) <= 1, runtimes

@@ -155,7 +155,7 @@ def mamba_mix(zxbcdt: torch.Tensor, cu_seqlens: list[int], slots: torch.Tensor, 
     """`mamba_mix_varlen_ref` in C: the Mamba-2 mixer between in- and out-projection, states in place.
 
     zxbcdt: [T, inner + conv_dim + heads], the in-projection of T tokens of len(cu_seqlens) - 1
-    sequences end to end; slots: [B] int64, each sequence's slot in conv_pool [S, conv_dim, K-1]
+    sequences end to end; slots: [B] int64, each sequence's (distinct) slot in conv_pool [S, conv_dim, K-1]
     and ssm_pool [S, heads, head_dim, N] (both float32, updated in place: every sequence continues
     from what its slot holds); conv_weight_t: [K, conv_dim] (the conv weight, tap-major). Returns
     [T, inner] float32.
@@ -175,6 +175,12 @@ def mamba_mix(zxbcdt: torch.Tensor, cu_seqlens: list[int], slots: torch.Tensor, 
     if not (conv_pool.is_contiguous() and ssm_pool.is_contiguous() and slots.dtype == torch.int64
             and conv_weight_t.shape == (window + 1, conv_dim) and conv_weight_t.is_contiguous()):
         raise ValueError("mamba_mix: pools and conv_weight_t must be contiguous, slots int64")
+    if nseq:  # the kernel indexes the pools with these: out of range would be out of bounds
+        lo, hi = torch.aminmax(slots)
+        if int(lo) < 0 or int(hi) >= min(S, ssm_pool.shape[0]):
+            raise ValueError(f"mamba_mix: slots must lie in [0, {min(S, ssm_pool.shape[0])}), got {int(lo)}..{int(hi)}")
+    if any(b < a for a, b in zip(cu_seqlens, cu_seqlens[1:])) or cu_seqlens[0] != 0:
+        raise ValueError(f"mamba_mix: cu_seqlens must start at 0 and never decrease, got {cu_seqlens[:8]}...")
     params = [p.detach().float().contiguous() for p in (dt_bias, A_log, D, norm_weight)]
     bias = None if conv_bias is None else conv_bias.detach().float().contiguous()
     cu = torch.tensor(cu_seqlens, dtype=torch.int64)
@@ -213,8 +219,10 @@ def moe_experts(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, topk_ids:
         raise ValueError(f"moe_experts: x {tuple(x.shape)}, up {tuple(up.shape)}, down {tuple(down.shape)}, "
                          f"ids {tuple(topk_ids.shape)}, weights {tuple(topk_weights.shape)}: shapes do not agree")
     ids = topk_ids.to(torch.int64).contiguous()
-    if T and (int(ids.min()) < 0 or int(ids.max()) >= E):
-        raise ValueError(f"moe_experts: expert ids must lie in [0, {E}), got {int(ids.min())}..{int(ids.max())}")
+    if ids.numel():  # the kernel indexes the weights with these
+        lo, hi = torch.aminmax(ids)
+        if int(lo) < 0 or int(hi) >= E:
+            raise ValueError(f"moe_experts: expert ids must lie in [0, {E}), got {int(lo)}..{int(hi)}")
     x, up, down = x.contiguous(), up.detach().contiguous(), down.detach().contiguous()
     weights = topk_weights.to(torch.float32).contiguous()
     work = torch.empty(T * k, d_in + inter, dtype=torch.float32)

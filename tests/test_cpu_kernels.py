@@ -66,11 +66,15 @@ def test_mamba_mix_continues_across_calls():
     assert torch.equal(conv2, conv1)
 
 
-def test_mamba_mix_rejects_mismatched_shapes():
+def test_mamba_mix_rejects_what_it_cannot_index():
     a = _mixer_inputs([2, 3])
+    kw = dict(conv_weight_t=a["conv_weight"].t().contiguous(), **a["params"])
     with pytest.raises(ValueError, match="shapes do not agree"):
-        cpu.mamba_mix(a["zxbcdt"], [0, 2, 4], a["slots"], a["conv_pool"], a["ssm_pool"],
-                      conv_weight_t=a["conv_weight"].t().contiguous(), **a["params"])
+        cpu.mamba_mix(a["zxbcdt"], [0, 2, 4], a["slots"], a["conv_pool"], a["ssm_pool"], **kw)
+    with pytest.raises(ValueError, match=r"slots must lie in \[0, 11\), got 3..11"):
+        cpu.mamba_mix(a["zxbcdt"], [0, 2, 5], torch.tensor([3, 11]), a["conv_pool"], a["ssm_pool"], **kw)
+    with pytest.raises(ValueError, match="never decrease"):
+        cpu.mamba_mix(a["zxbcdt"][:5], [0, 3, 2, 5], torch.tensor([1, 2, 3]), a["conv_pool"], a["ssm_pool"], **kw)
 
 
 @pytest.mark.parametrize("value", ["0", "off"])

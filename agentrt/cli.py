@@ -65,8 +65,10 @@ def _count(default: int, help: str, low: int = 1):
 @click.option("--hf-dt-clamp/--no-hf-dt-clamp", default=True,
               help="add to transformers' one-token Mamba step the dt >= time_step_min clamp its prefill applies; "
                    "without it transformers' cached greedy tokens drift from its own full forward")
+@click.option("--repeat", **_count(1, "rounds: every contestant runs this many times, interleaved, and is "
+                                      "reported by its median run (for noisy machines)"))
 def bench_engine(agents: int, turns: int, system_tokens: int, user_tokens: int, gen_tokens: int, seed: int,
-                 only: list[str], json_path: Path | None, markdown: bool, hf_dt_clamp: bool) -> None:
+                 only: list[str], json_path: Path | None, markdown: bool, hf_dt_clamp: bool, repeat: int) -> None:
     """Agents sharing a system prompt, several turns each: agentrt against transformers.
 
     Each agent's next prompt is its previous prompt, the tokens generated for it and a new user
@@ -83,13 +85,15 @@ def bench_engine(agents: int, turns: int, system_tokens: int, user_tokens: int, 
             "run the peers alone with --only hf-per-agent,hf-batched")
     workload = Workload(agents=agents, turns=turns, system_tokens=system_tokens, user_tokens=user_tokens,
                         gen_tokens=gen_tokens, seed=seed)
-    report = run_benchmark(workload, only, hf_dt_clamp=hf_dt_clamp, log=lambda line: click.echo(line, err=True))
+    report = run_benchmark(workload, only, hf_dt_clamp=hf_dt_clamp, repeat=repeat,
+                           log=lambda line: click.echo(line, err=True))
     click.echo(format_text(report))
     if markdown:
         command = ["agentrt", "bench", "engine", "--agents", agents, "--turns", turns, "--system-tokens",
                    system_tokens, "--user-tokens", user_tokens, "--gen-tokens", gen_tokens, "--seed", seed,
                    "--only", ",".join(only), *(["--json", json_path] if json_path else []),
-                   *([] if hf_dt_clamp else ["--no-hf-dt-clamp"]), "--markdown"]
+                   *([] if hf_dt_clamp else ["--no-hf-dt-clamp"]), *(["--repeat", repeat] if repeat > 1 else []),
+                   "--markdown"]
         click.echo("\n" + format_markdown(report, shlex.join(map(str, command))))
     if json_path:
         json_path.write_text(json.dumps(report.to_json()) + "\n")

@@ -24,7 +24,7 @@ def test_help_names_every_option():
     result = bench_engine("--help")
     assert result.exit_code == 0, result.output
     for option in ("--agents", "--turns", "--system-tokens", "--user-tokens", "--gen-tokens", "--only", "--json",
-                   "--markdown", "--hf-dt-clamp"):
+                   "--markdown", "--hf-dt-clamp", "--repeat"):
         assert option in result.output
     assert "bench" in CliRunner().invoke(cli, ["--help"]).output
 
@@ -35,6 +35,7 @@ def test_help_names_every_option():
     (["--only", "hf-batched,vllm"], None,
      "Invalid value for '--only': unknown contestant 'vllm'; choose one or more of agentrt,hf-per-agent,hf-batched"),
     (["--only", ","], None, "Invalid value for '--only': no contestant given"),
+    (["--repeat", "0"], None, "Invalid value for '--repeat': 0 is not in the range x>=1"),
     (["--turns", "2", "--frobnicate"], None, "No such option '--frobnicate'"),
     ([], {"AGENTRT_BENCH_ENGINE_TURNS": "-1"}, "Invalid value for '--turns': -1 is not in the range x>=1"),
 ])
@@ -98,3 +99,19 @@ def test_tiny_run_of_the_transformers_peers(tmp_path):
     assert per_agent == batched
     assert [[len(g) for g in turns] for turns in per_agent] == [[4, 4], [4, 4]]
     assert report["ok"] and all(c["ok"] for c in report["checks"])
+
+
+def test_repeat_reports_each_contestant_by_its_median_run(tmp_path):
+    path = tmp_path / "results.json"
+    result = bench_engine(*TINY_RUN, "--repeat", "3", "--json", str(path), "--markdown",
+                          env={"AGENTRT_HOME": str(tmp_path / "home"), "TRANSFORMERS_VERBOSITY": "error"})
+    assert result.exit_code == 0, result.output
+    assert "(round 3 of 3)" in result.output
+    report = json.loads(path.read_text())
+    for name in ("hf-per-agent", "hf-batched"):
+        r = report["contestants"][name]
+        assert len(r["runs_s"]) == 3 and r["wall_s"] == sorted(r["runs_s"])[1]
+        assert f"ok   {name}: the same tokens in all 3 rounds" in result.stdout
+    assert "3 interleaved rounds; each contestant's row is its median run" in result.stdout
+    command = next(line for line in result.stdout.splitlines() if line.startswith("agentrt bench engine"))
+    assert command.endswith("--repeat 3 --markdown")

@@ -319,6 +319,7 @@ class Result:
     peak_rss_mb: float
     tokens: Transcript
     engine_stats: dict = field(default_factory=dict)
+    runs_s: list[float] = field(default_factory=list)  # wall seconds of every repeat, in run order
 
 
 @dataclass(slots=True)
@@ -435,23 +436,34 @@ def measure(name: str, models: Models, workload: Workload) -> Result:
 
 
 def run_benchmark(workload: Workload, names: list[str], *, models: Models | None = None, hf_dt_clamp: bool = True,
-                  log: Callable[[str], None] = lambda _: None) -> Report:
-    """Check the oracle on a short version of the workload, then run and measure each contestant."""
+                  repeat: int = 1, log: Callable[[str], None] = lambda _: None) -> Report:
+    """Check the oracle on a short version of the workload, then run and measure each contestant.
+
+    With `repeat` > 1 the contestants run in `repeat` interleaved rounds (all of them once, then all
+    again), so that a slow phase of the machine falls on every contestant alike; each is reported
+    by its median run, every run's time kept in `runs_s`.
+    """
     unknown = [n for n in names if n not in CONTESTANTS]
     if unknown or not names:
         raise ValueError(f"contestants {names}: choose one or more of {', '.join(CONTESTANTS)}")
+    if repeat < 1:
+        raise ValueError(f"repeat={repeat}: run each contestant at least once")
     log("loading the embedded model and its transformers twin")
     models = models or load_models()
     workload = replace(workload, vocab_size=models.lm.config.vocab_size,
                        first_id=max(models.lm.tokenizer.special_token_ids, default=-1) + 1)
     machine, notes = machine_info(models.lm), []
     with hf_decode_clamp(models.hf, notes) if hf_dt_clamp else nullcontext():
-        checks, results = _run(models, workload, names, log)
+        checks, results = _run(models, workload, names, log, repeat)
+    if repeat > 1:
+        notes.append(f"{repeat} interleaved rounds; each contestant's row is its median run (runs in order: "
+                     + "; ".join(f"{n} " + ", ".join(f"{t:.2f}" for t in r.runs_s) + " s" for n, r in results.items())
+                     + ")")
     return Report(workload, machine, results, checks, notes)
 
 
-def _run(models: Models, workload: Workload, names: list[str],
-         log: Callable[[str], None]) -> tuple[list[Check], dict[str, Result]]:
+def _run(models: Models, workload: Workload, names: list[str], log: Callable[[str], None],
+         repeat: int = 1) -> tuple[list[Check], dict[str, Result]]:
     from agentrt.model.generate import generate
 
     short = workload.short()
@@ -468,11 +480,19 @@ def _run(models: Models, workload: Workload, names: list[str],
               batched == reference, first_difference(reference, batched, ("hf-per-agent", "hf-batched")) or ""),
     ]
 
+    runs: dict[str, list[Result]] = {n: [] for n in CONTESTANTS if n in names}
+    for round_ in range(repeat):
+        for name, done in runs.items():
+            log(f"running {name}" + (f" (round {round_ + 1} of {repeat})" if repeat > 1 else ""))
+            done.append(r := measure(name, models, workload))
+            log(f"  {r.generated_tokens} tokens in {r.wall_s:.2f} s ({r.tokens_per_s:.1f} tokens/s)")
     results = {}
-    for name in (n for n in CONTESTANTS if n in names):
-        log(f"running {name}")
-        results[name] = r = measure(name, models, workload)
-        log(f"  {r.generated_tokens} tokens in {r.wall_s:.2f} s ({r.tokens_per_s:.1f} tokens/s)")
+    for name, done in runs.items():
+        results[name] = sorted(done, key=lambda r: r.wall_s)[(len(done) - 1) // 2]  # the median (lower) run
+        results[name].runs_s = [r.wall_s for r in done]
+        diffs = [d for r in done[1:] if (d := first_difference(done[0].tokens, r.tokens, (name, f"{name} again")))]
+        if repeat > 1:
+            checks.append(Check(f"{name}: the same tokens in all {repeat} rounds", not diffs, "; ".join(diffs)))
     if len(results) == 1:  # nothing to compare the full run with: compare its start with the oracle's
         (name, r), = results.items()
         diff = first_difference(r.tokens, reference, (name, "hf-per-agent"))

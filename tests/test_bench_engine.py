@@ -115,3 +115,13 @@ def test_repeat_reports_each_contestant_by_its_median_run(tmp_path):
     assert "3 interleaved rounds; each contestant's row is its median run" in result.stdout
     command = next(line for line in result.stdout.splitlines() if line.startswith("agentrt bench engine"))
     assert command.endswith("--repeat 3 --markdown")
+
+
+def test_peak_rss_sees_memory_freed_before_the_end():
+    from agentrt.bench.engine import PeakRSS
+
+    with PeakRSS() as memory:
+        block = bytearray(64 * 2**20)
+        block[::4096] = b"x" * len(block[::4096])  # touch every page
+        del block
+    assert 60 * 2**20 <= memory.above_start < 512 * 2**20

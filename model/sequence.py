@@ -112,7 +112,9 @@ class Sequence:
             else:
                 n = 0
             t = self._table = grown
-        if n < upto:
+        if upto - n == 1:  # a decode step's one new slot: no temporary tensor
+            t[n] = self.slots[n]
+        elif n < upto:
             t[n:upto] = torch.tensor(self.slots[n:upto], dtype=torch.long, device=device)
         self._table_len = upto
         return t[:upto]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from agentrt.kernels.mamba import ssd_scan_ref
+from agentrt.kernels.mamba import causal_conv1d_varlen_ref, gated_rmsnorm_ref, ssd_scan_ref
 
 
 def ssd_scan_varlen_ref(
@@ -85,8 +85,6 @@ def mamba_mix_varlen_ref(
     the gated RMSNorm's output [T, inner] in zxbcdt's dtype. The composition of the references:
     `causal_conv1d_varlen_ref`, `ssd_scan_varlen_ref` and `gated_rmsnorm_ref`.
     """
-    from agentrt.kernels.mamba import causal_conv1d_varlen_ref, gated_rmsnorm_ref
-
     T = zxbcdt.shape[0]
     conv_dim, head_dim, N = conv_pool.shape[1], ssm_pool.shape[2], ssm_pool.shape[3]
     inner = heads * head_dim

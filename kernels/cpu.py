@@ -138,6 +138,13 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def _built(check: str) -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the C kernels are not available here; check {check}() first")
+    return lib
+
+
 def _ptr_of(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -160,9 +167,7 @@ def mamba_mix(zxbcdt: torch.Tensor, cu_seqlens: list[int], slots: torch.Tensor, 
     from what its slot holds); conv_weight_t: [K, conv_dim] (the conv weight, tap-major). Returns
     [T, inner] float32.
     """
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the C kernels are not available here; check mamba_mix_fits() first")
+    lib = _built("mamba_mix_fits")
     T, width = zxbcdt.shape
     S, conv_dim, window = conv_pool.shape
     head_dim, state = ssm_pool.shape[2], ssm_pool.shape[3]
@@ -209,9 +214,7 @@ def moe_experts(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, topk_ids:
                 topk_weights: torch.Tensor) -> torch.Tensor:
     """`moe_experts_ref` in C. x: [T, Din]; up: [E, I, Din]; down: [E, Din, I]; topk_ids: [T, k];
     topk_weights: [T, k]. Returns [T, Din] float32."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the C kernels are not available here; check moe_experts_fits() first")
+    lib = _built("moe_experts_fits")
     T, d_in = x.shape
     E, inter = up.shape[0], up.shape[1]
     k = topk_ids.shape[1]

@@ -77,23 +77,29 @@ class ComputeThread:
 
     def _run(self) -> None:
         while True:
-            with self._cv:
-                while not self._tasks and not any(loop.ready() for loop in self._loops):
-                    self._cv.wait()
-                task = self._tasks.popleft() if self._tasks else None
-                loops = [loop for loop in self._loops if loop.ready()]
-            if task is not None:
-                fn, args, kwargs, future = task
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn(*args, **kwargs))
-                    except BaseException as e:  # handed to the caller
-                        future.set_exception(e)
-            for loop in loops:
+            self._once()
+
+    def _once(self) -> None:
+        # One task and one poll of each ready loop. A method of its own so that its locals (the
+        # last task's function and arguments, the loops) die when it returns: held across the wait
+        # for the next task, they would keep a closed engine and its pools alive.
+        with self._cv:
+            while not self._tasks and not any(loop.ready() for loop in self._loops):
+                self._cv.wait()
+            task = self._tasks.popleft() if self._tasks else None
+            loops = [loop for loop in self._loops if loop.ready()]
+        if task is not None:
+            fn, args, kwargs, future = task
+            if future.set_running_or_notify_cancel():
                 try:
-                    loop.poll()
-                except Exception:  # a loop's own bug must not stop the thread every engine shares
-                    traceback.print_exc()
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as e:  # handed to the caller
+                    future.set_exception(e)
+        for loop in loops:
+            try:
+                loop.poll()
+            except Exception:  # a loop's own bug must not stop the thread every engine shares
+                traceback.print_exc()
 
 
 compute = ComputeThread()

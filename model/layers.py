@@ -216,7 +216,7 @@ class Mamba2Mixer(nn.Module):
             c_rows, s_rows = (conv, ssm) if every else (conv[rows], ssm[rows])
             h = causal_conv1d_update_ref(xBC[tok], c_rows, weight, bias)
             xs, B, C = self._split(h)
-            y[tok] = selective_state_update(s_rows, xs, dt[tok], A, B, C, self.D)
+            y[tok] = selective_state_update(s_rows, xs, dt[tok], A, B, C, self.D).float()
             if not every:
                 conv[rows], ssm[rows] = c_rows, s_rows
         by_length: dict[int, list[int]] = {}

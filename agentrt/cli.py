@@ -17,7 +17,9 @@ import click
 from click.core import ParameterSource
 
 from agentrt import __version__
-from agentrt.bench.engine import CONTESTANTS  # light: the module imports torch only when a benchmark runs
+# light: the module imports torch only when a benchmark runs
+from agentrt.bench.engine import CONTESTANTS
+from agentrt.bench.engine import DTYPES as ENGINE_DTYPES
 
 CONTEXT = {"auto_envvar_prefix": "AGENTRT", "show_default": True, "help_option_names": ["-h", "--help"]}
 
@@ -67,8 +69,11 @@ def _count(default: int, help: str, low: int = 1):
                    "without it transformers' cached greedy tokens drift from its own full forward")
 @click.option("--repeat", **_count(1, "rounds: every contestant runs this many times, interleaved, and is "
                                       "reported by its median run (for noisy machines)"))
+@click.option("--dtype", type=click.Choice(ENGINE_DTYPES), default="auto", show_default=True,
+              help="the model's dtype, for every contestant: auto is float32 on CPU and bfloat16 on CUDA")
 def bench_engine(agents: int, turns: int, system_tokens: int, user_tokens: int, gen_tokens: int, seed: int,
-                 only: list[str], json_path: Path | None, markdown: bool, hf_dt_clamp: bool, repeat: int) -> None:
+                 only: list[str], json_path: Path | None, markdown: bool, hf_dt_clamp: bool, repeat: int,
+                 dtype: str) -> None:
     """Agents sharing a system prompt, several turns each: agentrt against transformers.
 
     Each agent's next prompt is its previous prompt, the tokens generated for it and a new user
@@ -85,7 +90,7 @@ def bench_engine(agents: int, turns: int, system_tokens: int, user_tokens: int, 
             "run the peers alone with --only hf-per-agent,hf-batched")
     workload = Workload(agents=agents, turns=turns, system_tokens=system_tokens, user_tokens=user_tokens,
                         gen_tokens=gen_tokens, seed=seed)
-    report = run_benchmark(workload, only, hf_dt_clamp=hf_dt_clamp, repeat=repeat,
+    report = run_benchmark(workload, only, hf_dt_clamp=hf_dt_clamp, repeat=repeat, dtype=dtype,
                            log=lambda line: click.echo(line, err=True))
     click.echo(format_text(report))
     if markdown:
@@ -93,7 +98,7 @@ def bench_engine(agents: int, turns: int, system_tokens: int, user_tokens: int, 
                    system_tokens, "--user-tokens", user_tokens, "--gen-tokens", gen_tokens, "--seed", seed,
                    "--only", ",".join(only), *(["--json", json_path] if json_path else []),
                    *([] if hf_dt_clamp else ["--no-hf-dt-clamp"]), *(["--repeat", repeat] if repeat > 1 else []),
-                   "--markdown"]
+                   *(["--dtype", dtype] if dtype != "auto" else []), "--markdown"]
         click.echo("\n" + format_markdown(report, shlex.join(map(str, command))))
     if json_path:
         json_path.write_text(json.dumps(report.to_json()) + "\n")

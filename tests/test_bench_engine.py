@@ -24,7 +24,7 @@ def test_help_names_every_option():
     result = bench_engine("--help")
     assert result.exit_code == 0, result.output
     for option in ("--agents", "--turns", "--system-tokens", "--user-tokens", "--gen-tokens", "--only", "--json",
-                   "--markdown", "--hf-dt-clamp", "--repeat"):
+                   "--markdown", "--hf-dt-clamp", "--repeat", "--dtype"):
         assert option in result.output
     assert "bench" in CliRunner().invoke(cli, ["--help"]).output
 
@@ -36,6 +36,7 @@ def test_help_names_every_option():
      "Invalid value for '--only': unknown contestant 'vllm'; choose one or more of agentrt,hf-per-agent,hf-batched"),
     (["--only", ","], None, "Invalid value for '--only': no contestant given"),
     (["--repeat", "0"], None, "Invalid value for '--repeat': 0 is not in the range x>=1"),
+    (["--dtype", "fp8"], None, "Invalid value for '--dtype': 'fp8' is not one of 'auto', 'float32', 'bfloat16'"),
     (["--turns", "2", "--frobnicate"], None, "No such option '--frobnicate'"),
     ([], {"AGENTRT_BENCH_ENGINE_TURNS": "-1"}, "Invalid value for '--turns': -1 is not in the range x>=1"),
 ])
@@ -99,6 +100,18 @@ def test_tiny_run_of_the_transformers_peers(tmp_path):
     assert per_agent == batched
     assert [[len(g) for g in turns] for turns in per_agent] == [[4, 4], [4, 4]]
     assert report["ok"] and all(c["ok"] for c in report["checks"])
+
+
+def test_dtype_is_every_contestants_dtype(tmp_path):
+    """--dtype bfloat16 (CUDA's default) on CPU: both models in bf16, named in the machine line."""
+    path = tmp_path / "results.json"
+    result = bench_engine(*TINY_RUN, "--dtype", "bfloat16", "--json", str(path), "--markdown",
+                          env={"AGENTRT_HOME": str(tmp_path / "home"), "TRANSFORMERS_VERBOSITY": "error"})
+    assert result.exit_code == 0, result.output
+    assert json.loads(path.read_text())["machine"]["dtype"] == "bfloat16"
+    assert "cpu bfloat16;" in result.stdout
+    command = next(line for line in result.stdout.splitlines() if line.startswith("agentrt bench engine"))
+    assert command.endswith("--dtype bfloat16 --markdown")
 
 
 def test_repeat_reports_each_contestant_by_its_median_run(tmp_path):

@@ -168,8 +168,16 @@ def _high_water_mark() -> int:
 
 
 def release_memory() -> None:
-    """Collect garbage and hand freed heap back to the OS, so the next contestant's RSS starts low."""
+    """Collect garbage and hand freed heap back to the OS (and cached blocks back to CUDA), so the
+    next contestant starts low."""
+    from agentrt.model.compute import compute
+
+    compute.call(lambda: None)  # a barrier: the compute thread has let go of the last engine's step
     gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
@@ -422,8 +430,16 @@ def machine_info(lm: Any) -> dict:
     }
 
 
-def load_models(model: str = "tiny") -> Models:
-    """Our model and transformers' oracle on the same weights, device and dtype."""
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def load_models(model: str = "tiny", dtype: str = "auto") -> Models:
+    """Our model and transformers' oracle on the same weights, device and dtype ("auto": fp32 on
+    CPU, bf16 on CUDA)."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -433,7 +449,7 @@ def load_models(model: str = "tiny") -> Models:
     hf_logging.set_verbosity_error()
     from agentrt.model.compute import compute
 
-    lm = load(model)
+    lm = load(model, dtype=None if dtype == "auto" else getattr(torch, dtype))
     hf = compute.call(lambda: AutoModelForCausalLM.from_pretrained(lm.path, dtype=lm.model.dtype)
                       .to(lm.model.device).eval())
     return Models(lm, hf)
@@ -460,7 +476,7 @@ def measure(name: str, models: Models, workload: Workload) -> Result:
 
 
 def run_benchmark(workload: Workload, names: list[str], *, models: Models | None = None, hf_dt_clamp: bool = True,
-                  repeat: int = 1, log: Callable[[str], None] = lambda _: None) -> Report:
+                  repeat: int = 1, dtype: str = "auto", log: Callable[[str], None] = lambda _: None) -> Report:
     """Check the oracle on a short version of the workload, then run and measure each contestant.
 
     With `repeat` > 1 the contestants run in `repeat` interleaved rounds (all of them once, then all
@@ -473,7 +489,7 @@ def run_benchmark(workload: Workload, names: list[str], *, models: Models | None
     if repeat < 1:
         raise ValueError(f"repeat={repeat}: run each contestant at least once")
     log("loading the embedded model and its transformers twin")
-    models = models or load_models()
+    models = models or load_models(dtype=dtype)
     workload = replace(workload, vocab_size=models.lm.config.vocab_size,
                        first_id=max(models.lm.tokenizer.special_token_ids, default=-1) + 1)
     machine, notes = machine_info(models.lm), []

@@ -572,7 +572,7 @@ def measure_engine(shapes: Shapes, layers: int, device: Any, dtype: Any,
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from agentrt.bench.engine import hf_greedy
+    from agentrt.bench.engine import hf_greedy, release_memory
     from agentrt.model import Engine, EngineConfig, Request, SamplingParams, load
     from agentrt.model.compute import compute
 
@@ -608,9 +608,7 @@ def measure_engine(shapes: Shapes, layers: int, device: Any, dtype: Any,
         t1, tg = asyncio.run(engine_runs())
         ours = B * (G - 1) / max(tg - t1, 1e-9)
         del lm
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory()  # the engine's pools took most of the GPU; transformers needs it now
 
         log("transformers generate on the same weights")
         hf = compute.call(lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval())

@@ -71,9 +71,15 @@ def test_kernel_mode_is_read_from_the_environment(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the CUDA kernel forward needs a GPU")
 def test_cuda_kernel_forward_matches_the_reference_at_nano_layer_shapes(tmp_path, monkeypatch):
-    """bf16 on CUDA, a random NemotronH with Nemotron 3 Nano's layer shapes (4 layers: Mamba,
-    attention, Mamba, MoE; a small vocabulary): teacher-forced logits of a mixed prefill/decode
-    workload through the kernels against the same engine on the torch references."""
+    """CUDA, a random NemotronH with Nemotron 3 Nano's layer shapes (4 layers: Mamba, attention,
+    Mamba, MoE; a small vocabulary): teacher-forced logits of a mixed prefill/decode workload
+    through the kernels against the same engine on the torch references.
+
+    In fp32 the two compute the same function. In bf16 both are held to the fp32 oracle, and the
+    kernels must be as close to it as the references are: per position most logits are within
+    about 1%, but where bf16 rounding flips an expert in the router's top-6 of 128 a position is
+    off by up to 30% on either path (seen on an H100: p99 0.29 for both), so bf16 against bf16
+    says nothing."""
     import dataclasses
 
     import torch
@@ -82,17 +88,24 @@ def test_cuda_kernel_forward_matches_the_reference_at_nano_layer_shapes(tmp_path
     from test_engine import teacher_forced
 
     write_checkpoint(tmp_path, dataclasses.replace(NANO, vocab_size=4096), layers=4, dtype=torch.bfloat16)
-    lm = load(tmp_path, device="cuda", dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     shared = torch.randint(300, 4096, (700,), generator=g).tolist()
     streams = [(shared + torch.randint(300, 4096, (n,), generator=g).tolist(), p)
                for n, p in [(40, 700), (300, 200), (9, 705), (150, 600)]]
 
-    def logits(mode: str) -> list[torch.Tensor]:
+    def logits(lm, mode: str) -> torch.Tensor:
         monkeypatch.setenv(KERNELS_ENV, mode)
         engine = Engine(lm, EngineConfig(max_running=8, token_budget=512))
-        return [torch.stack(per) for per in teacher_forced(engine, streams)]
+        return torch.cat([torch.stack(per).float() for per in teacher_forced(engine, streams)])
 
-    for got, want in zip(logits("triton"), logits("ref")):
-        rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
-        assert rel < 2e-2, rel
+    def errors(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:  # per position
+        return (got - want).norm(dim=-1) / want.norm(dim=-1)
+
+    lm = load(tmp_path, device="cuda", dtype=torch.float32)
+    oracle = logits(lm, "ref")
+    assert errors(logits(lm, "triton"), oracle).max() < 1e-4
+    del lm
+    lm = load(tmp_path, device="cuda", dtype=torch.bfloat16)
+    ref, kernels = errors(logits(lm, "ref"), oracle), errors(logits(lm, "triton"), oracle)
+    assert kernels.median() < 1.5 * ref.median() and kernels.mean() < 1.5 * ref.mean(), (kernels, ref)
+    assert kernels.median() < 0.02

@@ -600,13 +600,13 @@ def measure_engine(shapes: Shapes, layers: int, device: Any, dtype: Any,
                         raise RuntimeError(f"the engine did not generate {gen} tokens per request")
                     return time.perf_counter() - t0
 
-                await batch([p[:16] for p in prompts(-1)], 2)  # warm-up
+                await batch(prompts(-1), G)  # warm-up at the timed shapes: CUDA compiles Triton kernels per shape
                 return [min([await batch(prompts(10 * r + 1), 1) for r in range(REPEATS)]),
                         min([await batch(prompts(10 * r + 2), G) for r in range(REPEATS)])]
 
         log(f"agentrt Engine: batch {B}, prompt {n}, {G} tokens greedy")
         t1, tg = asyncio.run(engine_runs())
-        ours = B * (G - 1) / max(tg - t1, 1e-9)
+        ours = B * (G - 1) / _decode_seconds("agentrt", t1, tg)
         del lm
         release_memory()  # the engine's pools took most of the GPU; transformers needs it now
 
@@ -619,13 +619,22 @@ def measure_engine(shapes: Shapes, layers: int, device: Any, dtype: Any,
             _sync(device)
             return time.perf_counter() - t0
 
-        compute.call(hf_time, [p[:16] for p in prompts(-1)], 2)  # warm-up
+        compute.call(hf_time, prompts(-1), 2)  # warm-up
         h1 = min(compute.call(hf_time, prompts(10 * r + 1), 1) for r in range(REPEATS))
         hg = min(compute.call(hf_time, prompts(10 * r + 2), G) for r in range(REPEATS))
-        theirs = B * (G - 1) / max(hg - h1, 1e-9)
+        theirs = B * (G - 1) / _decode_seconds("transformers", h1, hg)
         del hf
         gc.collect()
     return EngineRow(B, n, G, layer_pattern(layers), ours, theirs)
+
+
+def _decode_seconds(who: str, one: float, many: float) -> float:
+    """The decode part of a run: the G-token run's time less the 1-token run's (prefill)."""
+    if many <= one:
+        raise RuntimeError(f"{who}: the {ENGINE_GEN}-token runs ({many:.3f} s) were no slower than the 1-token runs "
+                           f"({one:.3f} s), so no decode time can be read off them; something other than decoding "
+                           "(a compile, a first allocation) dominates the runs")
+    return many - one
 
 
 # --- the run ---------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def _paged_attention_kernel(
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,      # rows of a query block: BLOCK_Q tokens x G_PAD heads
     BLOCK_N: tl.constexpr,      # keys per inner-loop step
-    BLOCK_B: tl.constexpr,      # next power of two >= B
+    BLOCK_B: tl.constexpr,      # a power of two >= B (at least 16: fewer compiles)
     NUM_SPLITS: tl.constexpr,
     STORE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, None (the default) otherwise
@@ -213,10 +213,15 @@ def _num_sms(device: torch.device) -> int:
 
 def choose_num_splits(num_programs: int, max_ctx: int, num_sms: int) -> int:
     """Splits per query block so that num_programs * splits roughly fills the GPU twice over, without
-    cutting a context of max_ctx keys into parts shorter than _MIN_KEYS_PER_SPLIT."""
+    cutting a context of max_ctx keys into parts shorter than _MIN_KEYS_PER_SPLIT; a power of two.
+
+    NUM_SPLITS is a compile-time constant and max_ctx grows with every decoded token: any integer
+    here meant a fresh compile every few hundred tokens (on an H100 Triton's compiles were a third
+    of an agent workload's engine time), powers of two mean six kernels in all."""
     want = triton.cdiv(2 * num_sms, max(num_programs, 1))
     by_len = triton.cdiv(max_ctx, _MIN_KEYS_PER_SPLIT)
-    return max(1, min(want, by_len, _MAX_SPLITS))
+    n = max(1, min(want, by_len, _MAX_SPLITS))
+    return 1 << (n.bit_length() - 1)
 
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -280,7 +285,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         scale * LOG2E, B,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), slot_table.stride(0),
         *dest_strides, *lse_strides,
-        G=G, G_PAD=G_PAD, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=triton.next_power_of_2(B),
+        G=G, G_PAD=G_PAD, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=max(16, triton.next_power_of_2(B)),
         NUM_SPLITS=num_splits, STORE_LSE=num_splits > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,  # no TF32 for fp32 inputs
     )

@@ -99,7 +99,8 @@ def test_choose_num_splits():
     assert choose_num_splits(num_programs=2000, max_ctx=100_000, num_sms=132) == 1  # grid already full
     assert choose_num_splits(num_programs=4, max_ctx=100, num_sms=132) == 1         # context too short
     assert choose_num_splits(num_programs=4, max_ctx=8192, num_sms=132) == 32
-    assert choose_num_splits(num_programs=64, max_ctx=100_000, num_sms=132) == 5
+    assert choose_num_splits(num_programs=64, max_ctx=100_000, num_sms=132) == 4  # 5, down to a power of two
+    assert {choose_num_splits(p, c, 132) for p in range(1, 300) for c in range(1, 10_000, 97)} == {1, 2, 4, 8, 16, 32}
 
 
 def test_head_dim_must_be_a_power_of_two():

@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one go on a lent device machine (its image has CUDA torch, Triton
-# and transformers; the project's other dependencies travel as wheels in .whl/, see docs/kernels.md).
+# and transformers; the project's other dependencies travel as wheels in .whl/, made beforehand with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#     --platform manylinux_2_17_x86_64 -d .whl pydantic pydantic_core annotated-types typing-inspection \
+#     typing_extensions jsonschema jsonschema-specifications referencing rpds-py SQLAlchemy greenlet \
+#     textual platformdirs mdit-py-plugins linkify-it-py uc-micro-py xgrammar apache-tvm-ffi py-spy
+# at the versions the project's venv holds; see docs/kernels.md).
 #   scripts/gpu-checks.sh [tests] [kernels] [engine] [engine-fp32]   (default: tests kernels engine)
 # Logs go to $OUT (or ./gpu-out) and the markdown tables to the end of each log.
 set -uo pipefail

@@ -6,7 +6,7 @@
 #     typing_extensions jsonschema jsonschema-specifications referencing rpds-py SQLAlchemy greenlet \
 #     textual platformdirs mdit-py-plugins linkify-it-py uc-micro-py xgrammar apache-tvm-ffi py-spy
 # at the versions the project's venv holds; see docs/kernels.md).
-#   scripts/gpu-checks.sh [tests] [kernels] [engine] [engine-fp32]   (default: tests kernels engine)
+#   scripts/gpu-checks.sh [tests] [kernels] [engine] [engine-fp32] [diag] [spy] [switch]   (default: tests kernels engine)
 # Logs go to $OUT (or ./gpu-out) and the markdown tables to the end of each log.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"

@@ -76,7 +76,9 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: tor
 # paged_attention
 # ---------------------------------------------------------------------------------------------------------------------
 
-@triton.jit
+# Ints that change with every batch (the sequence count, the slot table's width, the split strides
+# that scale with T) are not specialized on: each specialization is another compile mid-serving.
+@triton.jit(do_not_specialize=["B", "stride_st", "stride_os", "stride_ls"])
 def _paged_attention_kernel(
     q_ptr,                      # [T, Hq, D]
     k_pool_ptr, v_pool_ptr,     # [S, Hkv, D]
@@ -178,7 +180,7 @@ def _paged_attention_kernel(
         tl.store(lse_ptr + split.to(tl.int64) * stride_ls + q_rows * stride_lt + head, lse, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ps", "stride_ls"])
 def _merge_splits_kernel(
     part_ptr,                   # [NUM_SPLITS, T, Hq, D] fp32, each split's normalized output
     lse_ptr,                    # [NUM_SPLITS, T, Hq] fp32, base-2 log-sum-exp of each split

@@ -268,6 +268,53 @@ def _compile_family(family: str) -> None:
                 print(_MARK + json.dumps(rec), flush=True)
 
 
+def _count_serving_variants() -> None:
+    """Distinct specializations of paged_attention's kernels over what a server meets: decode
+    batches of 1 to 64 sequences at every context length to 32k, and prefills of 1 to 4096 tokens.
+    Each is a compile (about a second) the first time a server meets it, mid-serving."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from agentrt.kernels import triton_attention as ta
+
+    torch.Tensor.is_cuda = property(lambda self: True)
+    ta._num_sms = lambda device: 132  # an H100's
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    dtype = torch.bfloat16
+    k_pool = torch.empty(4096, HKV, HEAD_DIM, dtype=dtype)
+    keys: dict[str, set] = {}
+
+    def launch(lens: list[int], W: int) -> None:
+        B, T = len(lens), sum(lens)
+        q = torch.empty(T, HQ, HEAD_DIM, dtype=dtype)
+        cu = torch.tensor([0] + [sum(lens[:i + 1]) for i in range(B)], dtype=torch.int32)
+        launches = []
+        restore = _patched(ta, launches)
+        try:
+            ta.paged_attention(q, k_pool, k_pool, cu, torch.zeros(B, W, dtype=torch.int32),
+                               torch.full((B,), W, dtype=torch.int32), HEAD_DIM ** -0.5)
+        finally:
+            restore()
+        for fn, args, kwargs in launches:
+            bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
+            _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+            keys.setdefault(fn.__name__, set()).add(repr((sorted(signature.items()), sorted(constexprs.items()),
+                                                          sorted(attrs.items()))))
+
+    for B in [1, 2, 3, 5, 8, 13, 16, 21, 32, 47, 64]:
+        for W in range(1, 32768, 127):
+            launch([1] * B, W)
+    decode = {k: len(v) for k, v in keys.items()}
+    keys.clear()
+    for n in [2, 7, 64, 100, 511, 2048, 4096]:
+        for cached in [0, 300, 5000]:
+            launch([n], n + cached)
+            launch([1, 1, n], n + cached)
+    print(_MARK + json.dumps({"decode": decode, "prefill": {k: len(v) for k, v in keys.items()}}), flush=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # pytest side
 # ---------------------------------------------------------------------------------------------------------------------
@@ -333,8 +380,27 @@ def test_kernels_compile_for_h100(compile_results, family):
         f"kernels never launched by the scenarios: {sorted(jitted - {r['kernel'] for r in records})}")
 
 
+def test_serving_meets_few_attention_variants():
+    """Serving must not compile a new attention kernel every few hundred tokens of context: on an
+    H100, compiles were a third of the engine's time in bench engine when the split count and the
+    batch-size block took any integer and every batch-dependent int was specialized on (204
+    decode variants of the attention kernel over this sweep, 31 of the merge kernel)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--variants"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    counts = json.loads(next(line[len(_MARK):] for line in out.stdout.splitlines() if line.startswith(_MARK)))
+    assert counts["decode"]["_paged_attention_kernel"] <= 16, counts
+    assert counts["decode"]["_merge_splits_kernel"] <= 6, counts  # one per power-of-two split count
+    assert counts["prefill"]["_paged_attention_kernel"] <= 16, counts
+
+
 if __name__ == "__main__":
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    for fam in sys.argv[1:] or FAMILIES:
-        _compile_family(fam)
+    if sys.argv[1:] == ["--variants"]:
+        _count_serving_variants()
+    else:
+        for fam in sys.argv[1:] or FAMILIES:
+            _compile_family(fam)

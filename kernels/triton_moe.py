@@ -33,7 +33,7 @@ SMALL_BATCH_PAIRS = 64  # at most this many (token, choice) pairs: the GEMV path
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # tokens x top-k: a new value every batch
 def _moe_count_kernel(ids_ptr, counts_ptr, num_pairs, BLOCK: tl.constexpr):
     # grid (E,): counts[e] = number of flat pairs routed to expert e. ids: [num_pairs]
     expert = tl.program_id(0)
@@ -45,7 +45,7 @@ def _moe_count_kernel(ids_ptr, counts_ptr, num_pairs, BLOCK: tl.constexpr):
     tl.store(counts_ptr + expert, count)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # tokens x top-k: a new value every batch
 def _moe_scatter_kernel(
     ids_ptr,            # [num_pairs] expert of each flat pair
     counts_ptr,         # [E] int32 pairs per expert
@@ -121,7 +121,7 @@ def moe_align(
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # tokens x top-k: a new value every batch
 def _grouped_gemm_kernel(
     a_ptr,              # [rows, K] activations; row of pair p = p // A_ROW_DIV
     w_ptr,              # [E, N, K] expert weights

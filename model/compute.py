@@ -12,6 +12,7 @@ thread keeps a single team, and the event loop's thread stays free.
 
 from __future__ import annotations
 
+import atexit
 import threading
 import traceback
 from collections import deque
@@ -36,9 +37,13 @@ class ComputeThread:
         self._tasks: deque[tuple[Callable, tuple, dict, Future]] = deque()
         self._loops: list[Loop] = []
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     def _ensure_started(self) -> None:
         with self._cv:
+            if self._closed:
+                raise RuntimeError("agentrt's compute thread has shut down (the interpreter is exiting); "
+                                   "no model work can start now")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="agentrt-compute", daemon=True)
                 self._thread.start()
@@ -75,17 +80,36 @@ class ComputeThread:
         with self._cv:
             self._cv.notify()
 
+    def close(self, timeout: float = 60.0) -> None:
+        """Finish the step in progress, then stop the thread; tasks still queued fail. Runs at
+        interpreter exit (atexit): a daemon thread still inside torch when the interpreter
+        finalizes is killed mid-C++ (freeing a tensor, say) and the process aborts with
+        "terminate called without an active exception"."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
     def _run(self) -> None:
-        while True:
+        while not self._closed:
             self._once()
+        with self._cv:
+            tasks, self._tasks = list(self._tasks), deque()
+        for *_, future in tasks:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("agentrt's compute thread shut down before running this task"))
 
     def _once(self) -> None:
         # One task and one poll of each ready loop. A method of its own so that its locals (the
         # last task's function and arguments, the loops) die when it returns: held across the wait
         # for the next task, they would keep a closed engine and its pools alive.
         with self._cv:
-            while not self._tasks and not any(loop.ready() for loop in self._loops):
+            while not self._closed and not self._tasks and not any(loop.ready() for loop in self._loops):
                 self._cv.wait()
+            if self._closed:
+                return
             task = self._tasks.popleft() if self._tasks else None
             loops = [loop for loop in self._loops if loop.ready()]
         if task is not None:
@@ -103,3 +127,4 @@ class ComputeThread:
 
 
 compute = ComputeThread()
+atexit.register(compute.close)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -51,7 +52,7 @@ def test_the_process_exits_cleanly(program, tmp_path):
     script.write_text(source)
     for _ in range(3):  # the abort was a race: most runs, not all
         out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                             env={**__import__("os").environ, "AGENTRT_HOME": str(tmp_path / "home")})
+                             env={**os.environ, "AGENTRT_HOME": str(tmp_path / "home")})
         assert out.returncode == 0 and "terminate called" not in out.stderr, (out.returncode, out.stderr[-2000:])
         assert out.stdout.split() == (["4"] if program == "closed" else ["3"])
 

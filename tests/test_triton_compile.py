@@ -203,6 +203,16 @@ def _variant_label(fn, constexprs, signature):
     return " ".join(parts) + " | " + ",".join(ptr_types)
 
 
+def _specialize(fn, args, kwargs, backend):
+    """A recorded launch specialized as Triton's launcher would: (signature, constexprs, attrs), the
+    key of its compile cache."""
+    from triton.runtime.jit import create_function_from_signature
+
+    bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
+    _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+    return signature, constexprs, attrs
+
+
 def _compile_family(family: str) -> None:
     import contextlib
     import io
@@ -212,7 +222,6 @@ def _compile_family(family: str) -> None:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
 
     # The MoE wrappers pick their CUDA tile sizes when `a.is_cuda`; make the CPU tensors answer True
     # (only the Python property: nothing here runs on a device).
@@ -240,9 +249,7 @@ def _compile_family(family: str) -> None:
             finally:
                 restore()
             for fn, args, kwargs in launches:
-                binder = create_function_from_signature(fn.signature, fn.params, backend)
-                bound, spec, opts = binder(*args, **kwargs)
-                _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+                signature, constexprs, attrs = _specialize(fn, args, kwargs, backend)
                 key = (fn.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
                        repr(sorted(attrs.items())))
                 if key in seen:
@@ -270,12 +277,12 @@ def _compile_family(family: str) -> None:
 
 def _count_serving_variants() -> None:
     """Distinct specializations of paged_attention's kernels over what a server meets: decode
-    batches of 1 to 64 sequences at every context length to 32k, and prefills of 1 to 4096 tokens.
+    batches of 1 to 64 sequences at contexts to 32k (every 127th length), and prefills of 2 to
+    4096 tokens over 0 to 5000 cached ones.
     Each is a compile (about a second) the first time a server meets it, mid-serving."""
     import torch
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
 
     from agentrt.kernels import triton_attention as ta
 
@@ -298,8 +305,7 @@ def _count_serving_variants() -> None:
         finally:
             restore()
         for fn, args, kwargs in launches:
-            bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
-            _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+            signature, constexprs, attrs = _specialize(fn, args, kwargs, backend)
             keys.setdefault(fn.__name__, set()).add(repr((sorted(signature.items()), sorted(constexprs.items()),
                                                           sorted(attrs.items()))))
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 CPU_KERNELS_ENV = "AGENTRT_CPU_KERNELS"
-SOURCES = ("cpu_mamba.c", "cpu_moe.c")
+SOURCES = ("cpu_mamba.c", "cpu_moe.c", "cpu_attention.c")
 # Compiled with -ffast-math but linked without it: linking with it would add crtfastmath.o, whose
 # constructor turns on flush-to-zero for the whole process when the library loads.
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC")
@@ -38,6 +38,8 @@ _SIGNATURES = {
     "agentrt_mamba_mix_f32": [_i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr,
                               _ptr, _ptr, _ptr, _f32, _f32, _i64, _ptr, _ptr, _ptr, _ptr, ctypes.c_int],
     "agentrt_moe_experts_f32": [_i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int],
+    "agentrt_decode_attention_f32": [_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _f32,
+                                     _ptr, _ptr, ctypes.c_int],
 }
 _RESTYPES = {"agentrt_moe_experts_f32": ctypes.c_int}
 
@@ -235,3 +237,62 @@ def moe_experts(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, topk_ids:
                                    torch.get_num_threads()) != 0:
         raise MemoryError("moe_experts: the C kernel could not allocate its index arrays")
     return out
+
+
+class DecodeTable:
+    """The keys of a decode step's sequences, checked once and used by every attention layer.
+
+    shared: [L] int64, slots every sequence attends first (a common prefix; may be empty); own:
+    [B, W] int64, sequence b then attends own[b, :own_lens[b]]. Every slot must lie in [0, pool_size).
+    """
+
+    def __init__(self, shared: torch.Tensor, own: torch.Tensor, own_lens: torch.Tensor, pool_size: int):
+        self.shared = shared.to(torch.int64).contiguous()
+        self.own = own.to(torch.int64).contiguous()
+        self.own_lens = own_lens.to(torch.int64).contiguous()
+        B = self.own.shape[0]
+        if self.own.dim() != 2 or self.own_lens.shape != (B,) or self.shared.dim() != 1:
+            raise ValueError(f"DecodeTable: own {tuple(self.own.shape)} must be [B, W], own_lens "
+                             f"{tuple(self.own_lens.shape)} [B] and shared {tuple(self.shared.shape)} [L]")
+        if B and (int(self.own_lens.min()) < 0 or int(self.own_lens.max()) > self.own.shape[1]
+                  or len(self.shared) + int(self.own_lens.min()) < 1):
+            raise ValueError(f"DecodeTable: own_lens must lie in [0, {self.own.shape[1]}] and give every sequence "
+                             f"a key, got {self.own_lens.tolist()[:8]}... with {len(self.shared)} shared")
+        # every slot the kernel reads: the shared ones and the counted prefix of each own row
+        counted = torch.arange(self.own.shape[1])[None, :] < self.own_lens[:, None]
+        used = torch.cat([self.shared, self.own[counted]])
+        if used.numel():
+            lo, hi = torch.aminmax(used)
+            if int(lo) < 0 or int(hi) >= pool_size:
+                raise ValueError(f"DecodeTable: slots must lie in [0, {pool_size}), got {int(lo)}..{int(hi)}")
+        self.pool_size = pool_size
+        self.batch = B
+
+
+def decode_attention_fits(q: torch.Tensor, k_pool: torch.Tensor) -> bool:
+    """Whether `decode_attention` takes these: float32 on CPU, and the kernels available."""
+    return q.device.type == "cpu" and q.dtype == k_pool.dtype == torch.float32 and available()
+
+
+def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: DecodeTable,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decode_attention_ref` in C, reading K/V in place. q: [B, Hq, D] float32; k_pool, v_pool:
+    [S, Hkv, D] float32, contiguous, S == table.pool_size. Returns out [B, Hq, D], lse [B, Hq]."""
+    lib = _built("decode_attention_fits")
+    B, Hq, D = q.shape
+    S, Hkv = k_pool.shape[0], k_pool.shape[1]
+    if (k_pool.shape != v_pool.shape or k_pool.shape[2] != D or Hq % Hkv or B != table.batch
+            or S != table.pool_size):
+        raise ValueError(f"decode_attention: q {tuple(q.shape)}, pools {tuple(k_pool.shape)} and "
+                         f"{tuple(v_pool.shape)}, a table of {table.batch} sequences over {table.pool_size} slots: "
+                         "shapes do not agree")
+    if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
+        raise ValueError("decode_attention: the pools must be contiguous")
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, dtype=torch.float32)
+    lib.agentrt_decode_attention_f32(
+        B, Hkv, Hq // Hkv, D, q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), table.shared.data_ptr(),
+        len(table.shared), table.own.data_ptr(), table.own.shape[1], table.own_lens.data_ptr(), scale,
+        out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
+    return out, lse

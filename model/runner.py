@@ -7,6 +7,7 @@ import itertools
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from agentrt.kernels import cpu as cpu_kernels
 from agentrt.kernels import use_triton
 from agentrt.kernels.attention import attention_lse, merge_attention
 
@@ -59,14 +60,21 @@ class PagedView:
         dtype = self.kv.dtype
         self.decode = [i for i, n in enumerate(self.seq_lens) if n == 1]
         self.all_decode = len(self.decode) == len(batch)
+        self.decode_table: cpu_kernels.DecodeTable | None = None
         if self.decode:
             own = [tables[i][shared:] for i in self.decode]
             lengths = torch.tensor([len(t) for t in own], device=device)
             table = pad_sequence(own, batch_first=True, padding_value=self.kv.scratch)
-            self.decode_slots, self.decode_width = table.view(-1), table.shape[1]
-            hidden = torch.arange(table.shape[1], device=device)[None, :] >= lengths[:, None]
-            self.decode_mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(
-                hidden, -torch.inf)[:, None, None, :]
+            if self.all_decode and device.type == "cpu" and dtype == torch.float32 and cpu_kernels.available():
+                # the C kernel reads every key in place: no gathers, masks or merge
+                shared_slots = (torch.arange(self.shared.start, self.shared.stop) if isinstance(self.shared, slice)
+                                else self.shared if self.shared is not None else torch.empty(0, dtype=torch.long))
+                self.decode_table = cpu_kernels.DecodeTable(shared_slots, table, lengths, self.kv.scratch + 1)
+            else:
+                self.decode_slots, self.decode_width = table.view(-1), table.shape[1]
+                hidden = torch.arange(table.shape[1], device=device)[None, :] >= lengths[:, None]
+                self.decode_mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(
+                    hidden, -torch.inf)[:, None, None, :]
             if not self.all_decode:
                 self.decode_tok = torch.tensor([starts[i] for i in self.decode], device=device)
         self.prefill = []  # (start, n, own slots, causal mask over them)
@@ -86,6 +94,8 @@ class PagedView:
         T, Hq, D = q.shape
         Hkv = K.shape[1]
         G = Hq // Hkv
+        if self.decode_table is not None:
+            return cpu_kernels.decode_attention(q, K, V, self.decode_table, self.scale)[0]
         qg = q.view(T, Hkv, G, D)
         if self.all_decode:
             out, lse = self._decode(qg, K, V)

@@ -152,3 +152,65 @@ def test_one_openmp_runtime_in_the_process():
     assert cpu.library() is not None
     runtimes = {line.split()[-1] for line in open("/proc/self/maps") if "gomp" in line or "libiomp" in line}
     assert len(runtimes) <= 1, runtimes
+
+
+def _decode_inputs(B, Hkv, G, D, shared_len, own_max, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    slots = max(300, shared_len + B * own_max)
+    k_pool, v_pool = torch.randn(slots, Hkv, D, generator=g), torch.randn(slots, Hkv, D, generator=g)
+    order = torch.randperm(slots, generator=g)  # scattered slots, as a long-running pool hands them out
+    shared = order[:shared_len]
+    own_lens = torch.randint(0 if shared_len else 1, own_max + 1, (B,), generator=g)
+    own = torch.zeros(B, own_max, dtype=torch.long)
+    rest = order[shared_len:].tolist()
+    for b in range(B):
+        n = int(own_lens[b])
+        own[b, :n] = torch.tensor(rest[:n], dtype=torch.long)
+        rest = rest[n:]
+    q = torch.randn(B, Hkv * G, D, generator=g)
+    return q, k_pool, v_pool, shared, own, own_lens
+
+
+@pytest.mark.parametrize("B,Hkv,G,D,shared_len,own_max", [
+    (5, 2, 4, 32, 70, 40),     # the embedded model's heads (a specialized path), keys across blocks
+    (3, 1, 16, 128, 9, 3),     # Nemotron 3 Nano's (the other specialized path)
+    (4, 3, 2, 24, 0, 130),     # the generic path, no shared prefix
+    (1, 2, 1, 8, 1, 0),        # one key in all
+    (6, 2, 3, 16, 64, 64),     # block-sized
+])
+def test_decode_attention_matches_reference(B, Hkv, G, D, shared_len, own_max):
+    from agentrt.kernels.attention import decode_attention_ref
+
+    q, k_pool, v_pool, shared, own, own_lens = _decode_inputs(B, Hkv, G, D, shared_len, own_max,
+                                                              seed=B * 1000 + D + shared_len)
+    table = cpu.DecodeTable(shared, own, own_lens, k_pool.shape[0])
+    scale = D**-0.5
+    out, lse = cpu.decode_attention(q, k_pool, v_pool, table, scale)
+    ref_out, ref_lse = decode_attention_ref(q, k_pool, v_pool, shared, own, own_lens, scale)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_ignores_what_lies_past_each_length():
+    q, k_pool, v_pool, shared, own, own_lens = _decode_inputs(4, 2, 4, 32, 20, 30, seed=7)
+    table = cpu.DecodeTable(shared, own, own_lens, k_pool.shape[0])
+    before = cpu.decode_attention(q, k_pool, v_pool, table, 0.2)
+    for b in range(4):  # padding entries point elsewhere: nothing may change
+        own[b, int(own_lens[b]):] = 299 - b
+    after = cpu.decode_attention(q, k_pool, v_pool, cpu.DecodeTable(shared, own, own_lens, k_pool.shape[0]), 0.2)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
+def test_decode_table_rejects_what_the_kernel_cannot_index():
+    q, k_pool, v_pool, shared, own, own_lens = _decode_inputs(3, 2, 4, 32, 5, 6, seed=1)
+    with pytest.raises(ValueError, match=r"slots must lie in \[0, 300\), got .*300"):
+        cpu.DecodeTable(torch.cat([shared, torch.tensor([300])]), own, own_lens, 300)
+    with pytest.raises(ValueError, match=r"own_lens must lie in \[0, 6\]"):
+        cpu.DecodeTable(shared, own, own_lens + 7, 300)
+    with pytest.raises(ValueError, match="give every sequence a key"):
+        cpu.DecodeTable(shared[:0], own, torch.tensor([0, 1, 1]), 300)
+    table = cpu.DecodeTable(shared, own, own_lens, 300)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        cpu.decode_attention(q[:2], k_pool, v_pool, table, 0.2)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        cpu.decode_attention(q, k_pool[:299], v_pool[:299], table, 0.2)

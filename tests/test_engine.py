@@ -109,6 +109,29 @@ def test_batching_changes_no_logits(lm, mamba_path):
         torch.testing.assert_close(torch.stack(rows), full_logits(lm, tokens), atol=TOL, rtol=0)
 
 
+def test_decoding_over_a_shared_prefix_changes_no_logits(lm, mamba_path, monkeypatch):
+    """Sequences that share a cached system prompt decode together: every decode step reads the
+    prefix once for all of them (the C kernel, or the torch cascade), and every logit matches a
+    from-scratch run of that sequence."""
+    from agentrt.kernels import cpu
+
+    calls = []
+    real = cpu.decode_attention
+    monkeypatch.setattr(cpu, "decode_attention", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+    engine = Engine(lm, EngineConfig(max_running=16))
+    system = ids(100, 9)
+    streams = [(system + ids(3 + i % 5, 300 + i) + ids(14, 400 + i), 100 + 3 + i % 5) for i in range(12)]
+    run(engine, [Request(system, greedy(1))])  # caches the system prompt, with its Mamba state
+    got = teacher_forced(engine, streams)
+    for (tokens, _), rows in zip(streams, got):
+        assert 14 < len(rows) < len(tokens) - 64  # the prefix came from the cache
+        torch.testing.assert_close(torch.stack(rows), full_logits(lm, tokens)[-len(rows):], atol=TOL, rtol=0)
+    if mamba_path == "c":  # the all-decode steps ran the C kernel with the prefix as their shared keys
+        assert calls and all(len(t.shared) >= 100 for t in calls)
+    else:
+        assert not calls
+
+
 def test_seeded_sampling_is_the_same_alone_and_batched(lm):
     params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, min_p=0.01, seed=7, max_tokens=24, ignore_eos=True)
     target = Request(ids(30, 1), params)

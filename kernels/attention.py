@@ -72,20 +72,20 @@ def write_kv_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v:
 
 
 def decode_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, shared: torch.Tensor,
-                         own: torch.Tensor, own_lens: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         own: list[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One new query token per sequence over keys read from the paged pools, with log-sum-exp.
 
     q: [B, Hq, D]; k_pool, v_pool: [S, Hkv, D]; shared: [L] int, slots every sequence attends (a
-    common prefix); own: [B, W] int, sequence b also attends slots own[b, :own_lens[b]]. Every
-    query sees all its keys (the new token's own K/V is among them). Returns out [B, Hq, D] in q's
-    dtype and lse [B, Hq] fp32, as `attention_lse_ref`.
+    common prefix); own: B int tensors, the slots sequence b attends besides. Every query sees all
+    its keys (the new token's own K/V is among them). Returns out [B, Hq, D] in q's dtype and lse
+    [B, Hq] fp32, as `attention_lse_ref`.
     """
     B, Hq, D = q.shape
     Hkv = k_pool.shape[1]
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
     for b in range(B):
-        slots = torch.cat([shared.long(), own[b, :int(own_lens[b])].long()])
+        slots = torch.cat([shared.long(), own[b].long()])
         k, v = k_pool[slots].transpose(0, 1), v_pool[slots].transpose(0, 1)  # [Hkv, n, D]
         o, l = attention_lse_ref(q[b].view(Hkv, Hq // Hkv, D), k, v, None, scale)
         out[b], lse[b] = o.reshape(Hq, D), l.reshape(Hq)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import platform
 import shutil
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 CPU_KERNELS_ENV = "AGENTRT_CPU_KERNELS"
-SOURCES = ("cpu_mamba.c", "cpu_moe.c", "cpu_attention.c")
+SOURCES = ("cpu_mamba.c", "cpu_moe.c", "cpu_attention.c", "cpu_norm.c")
 # Compiled with -ffast-math but linked without it: linking with it would add crtfastmath.o, whose
 # constructor turns on flush-to-zero for the whole process when the library loads.
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC")
@@ -38,8 +39,9 @@ _SIGNATURES = {
     "agentrt_mamba_mix_f32": [_i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr,
                               _ptr, _ptr, _ptr, _f32, _f32, _i64, _ptr, _ptr, _ptr, _ptr, ctypes.c_int],
     "agentrt_moe_experts_f32": [_i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int],
-    "agentrt_decode_attention_f32": [_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _f32,
-                                     _ptr, _ptr, ctypes.c_int],
+    "agentrt_rms_norm_f32": [_i64, _i64, _ptr, _i64, _ptr, _f32, _ptr, ctypes.c_int],
+    "agentrt_decode_attention_f32": [_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _f32, _ptr,
+                                     _ptr, ctypes.c_int],
 }
 _RESTYPES = {"agentrt_moe_experts_f32": ctypes.c_int}
 
@@ -202,14 +204,42 @@ def mamba_mix(zxbcdt: torch.Tensor, cu_seqlens: list[int], slots: torch.Tensor, 
     return out
 
 
+def _no_grad_needed(*tensors: torch.Tensor) -> bool:
+    """The kernels record nothing for autograd: they may run only where no gradient is wanted."""
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+
+
+def rms_norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `rms_norm` takes these: float32 on CPU, rows of unit stride, no gradient wanted, and
+    the kernels available."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 2
+            and x.stride(1) == 1 and _no_grad_needed(x, weight) and available())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`F.rms_norm(x, weight.shape, weight, eps)` in C. x: [T, H] float32 with x.stride(1) == 1;
+    weight: [H]. Returns a new [T, H] tensor."""
+    lib = _built("rms_norm_fits")
+    T, H = x.shape
+    if weight.shape != (H,) or x.stride(1) != 1:
+        raise ValueError(f"rms_norm: x {tuple(x.shape)} (strides {x.stride()}) and weight {tuple(weight.shape)}: "
+                         "rows of unit stride and one weight per column")
+    weight = weight.detach().contiguous()
+    y = torch.empty(T, H, dtype=torch.float32)
+    lib.agentrt_rms_norm_f32(T, H, x.data_ptr(), x.stride(0), weight.data_ptr(), eps, y.data_ptr(),
+                             torch.get_num_threads())
+    return y
+
+
 MOE_MAX_ROWS_PER_EXPERT = 8  # beyond this many (token, choice) pairs per expert, batched matmuls win
 
 
 def moe_experts_fits(x: torch.Tensor, up: torch.Tensor, topk_ids: torch.Tensor) -> bool:
     """Whether `moe_experts` is the faster path here: float32 on CPU, decode-sized (a few rows per
-    expert: the C kernel multiplies row by row, where a large batch wants matmuls), kernels built."""
+    expert: the C kernel multiplies row by row, where a large batch wants matmuls), no gradient
+    wanted, kernels built."""
     return (x.device.type == "cpu" and x.dtype == up.dtype == torch.float32
-            and topk_ids.numel() <= MOE_MAX_ROWS_PER_EXPERT * up.shape[0] and available())
+            and topk_ids.numel() <= MOE_MAX_ROWS_PER_EXPERT * up.shape[0] and _no_grad_needed(x, up) and available())
 
 
 def moe_experts(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
@@ -242,31 +272,27 @@ def moe_experts(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, topk_ids:
 class DecodeTable:
     """The keys of a decode step's sequences, checked once and used by every attention layer.
 
-    shared: [L] int64, slots every sequence attends first (a common prefix; may be empty); own:
-    [B, W] int64, sequence b then attends own[b, :own_lens[b]]. Every slot must lie in [0, pool_size).
+    shared: [L] int, slots every sequence attends first (a common prefix; may be empty); own: one
+    int tensor per sequence, the slots it attends after them. Every slot must lie in [0, pool_size)
+    and every sequence must have a key.
     """
 
-    def __init__(self, shared: torch.Tensor, own: torch.Tensor, own_lens: torch.Tensor, pool_size: int):
+    def __init__(self, shared: torch.Tensor, own: list[torch.Tensor], pool_size: int):
         self.shared = shared.to(torch.int64).contiguous()
-        self.own = own.to(torch.int64).contiguous()
-        self.own_lens = own_lens.to(torch.int64).contiguous()
-        B = self.own.shape[0]
-        if self.own.dim() != 2 or self.own_lens.shape != (B,) or self.shared.dim() != 1:
-            raise ValueError(f"DecodeTable: own {tuple(self.own.shape)} must be [B, W], own_lens "
-                             f"{tuple(self.own_lens.shape)} [B] and shared {tuple(self.shared.shape)} [L]")
-        if B and (int(self.own_lens.min()) < 0 or int(self.own_lens.max()) > self.own.shape[1]
-                  or len(self.shared) + int(self.own_lens.min()) < 1):
-            raise ValueError(f"DecodeTable: own_lens must lie in [0, {self.own.shape[1]}] and give every sequence "
-                             f"a key, got {self.own_lens.tolist()[:8]}... with {len(self.shared)} shared")
-        # every slot the kernel reads: the shared ones and the counted prefix of each own row
-        counted = torch.arange(self.own.shape[1])[None, :] < self.own_lens[:, None]
-        used = torch.cat([self.shared, self.own[counted]])
-        if used.numel():
-            lo, hi = torch.aminmax(used)
-            if int(lo) < 0 or int(hi) >= pool_size:
-                raise ValueError(f"DecodeTable: slots must lie in [0, {pool_size}), got {int(lo)}..{int(hi)}")
+        lengths = [len(o) for o in own]
+        self.own = torch.cat(own).to(torch.int64) if own else torch.empty(0, dtype=torch.int64)
+        self.own_start = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64)
+        if self.shared.dim() != 1 or any(o.dim() != 1 for o in own):
+            raise ValueError(f"DecodeTable: shared {tuple(self.shared.shape)} and every own table must be 1-D")
+        if not self.shared.numel() and 0 in lengths:
+            raise ValueError(f"DecodeTable: sequence {lengths.index(0)} has no key (no shared slots, no own ones)")
+        for slots in (self.shared, self.own):
+            if slots.numel():
+                lo, hi = torch.aminmax(slots)
+                if int(lo) < 0 or int(hi) >= pool_size:
+                    raise ValueError(f"DecodeTable: slots must lie in [0, {pool_size}), got {int(lo)}..{int(hi)}")
         self.pool_size = pool_size
-        self.batch = B
+        self.batch = len(own)
 
 
 def decode_attention_fits(q: torch.Tensor, k_pool: torch.Tensor) -> bool:
@@ -293,6 +319,6 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     lse = torch.empty(B, Hq, dtype=torch.float32)
     lib.agentrt_decode_attention_f32(
         B, Hkv, Hq // Hkv, D, q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), table.shared.data_ptr(),
-        len(table.shared), table.own.data_ptr(), table.own.shape[1], table.own_lens.data_ptr(), scale,
+        len(table.shared), table.own.data_ptr(), table.own_start.data_ptr(), scale,
         out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
     return out, lse

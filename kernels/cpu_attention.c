@@ -85,7 +85,7 @@ static inline __attribute__((always_inline)) void attend_pair(
         for (int64_t pair = 0; pair < Hkv * B; pair++) {                                                       \
             const int64_t h = pair / B, b = pair % B, first = (b * Hkv + h) * (G);                            \
             attend_pair((G), (D), row, scale, q + first * (D), k_pool, v_pool, shared, n_shared,               \
-                        own + b * width, own_lens[b], h, out + first * (D), lse + first);                      \
+                        own + own_start[b], own_start[b + 1] - own_start[b], h, out + first * (D), lse + first); \
         }                                                                                                      \
     } while (0)
 
@@ -96,9 +96,8 @@ void agentrt_decode_attention_f32(
     const float *v_pool,     /* [S, Hkv, D], contiguous */
     const int64_t *shared,   /* [n_shared]: slots every sequence attends first (a common prefix) */
     int64_t n_shared,
-    const int64_t *own,      /* [B, width]: sequence b then attends slots own[b, :own_lens[b]] */
-    int64_t width,
-    const int64_t *own_lens, /* [B]; n_shared + own_lens[b] >= 1 */
+    const int64_t *own,       /* every sequence's own slots, end to end */
+    const int64_t *own_start, /* [B + 1]: sequence b then attends own[own_start[b]:own_start[b + 1]] */
     float scale,
     float *out,              /* [B, Hkv * G, D] */
     float *lse,              /* [B, Hkv * G]: natural log of each query's sum of exp(scale * q.k) */

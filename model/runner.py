@@ -63,14 +63,14 @@ class PagedView:
         self.decode_table: cpu_kernels.DecodeTable | None = None
         if self.decode:
             own = [tables[i][shared:] for i in self.decode]
-            lengths = torch.tensor([len(t) for t in own], device=device)
-            table = pad_sequence(own, batch_first=True, padding_value=self.kv.scratch)
             if self.all_decode and device.type == "cpu" and dtype == torch.float32 and cpu_kernels.available():
                 # the C kernel reads every key in place: no gathers, masks or merge
                 shared_slots = (torch.arange(self.shared.start, self.shared.stop) if isinstance(self.shared, slice)
                                 else self.shared if self.shared is not None else torch.empty(0, dtype=torch.long))
-                self.decode_table = cpu_kernels.DecodeTable(shared_slots, table, lengths, self.kv.scratch + 1)
+                self.decode_table = cpu_kernels.DecodeTable(shared_slots, own, self.kv.scratch + 1)
             else:
+                lengths = torch.tensor([len(t) for t in own], device=device)
+                table = pad_sequence(own, batch_first=True, padding_value=self.kv.scratch)
                 self.decode_slots, self.decode_width = table.view(-1), table.shape[1]
                 hidden = torch.arange(table.shape[1], device=device)[None, :] >= lengths[:, None]
                 self.decode_mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(

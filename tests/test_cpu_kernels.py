@@ -160,15 +160,10 @@ def _decode_inputs(B, Hkv, G, D, shared_len, own_max, seed=0):
     k_pool, v_pool = torch.randn(slots, Hkv, D, generator=g), torch.randn(slots, Hkv, D, generator=g)
     order = torch.randperm(slots, generator=g)  # scattered slots, as a long-running pool hands them out
     shared = order[:shared_len]
-    own_lens = torch.randint(0 if shared_len else 1, own_max + 1, (B,), generator=g)
-    own = torch.zeros(B, own_max, dtype=torch.long)
-    rest = order[shared_len:].tolist()
-    for b in range(B):
-        n = int(own_lens[b])
-        own[b, :n] = torch.tensor(rest[:n], dtype=torch.long)
-        rest = rest[n:]
+    lengths = torch.randint(0 if shared_len else 1, own_max + 1, (B,), generator=g).tolist()
+    own = list(order[shared_len:shared_len + sum(lengths)].split(lengths))
     q = torch.randn(B, Hkv * G, D, generator=g)
-    return q, k_pool, v_pool, shared, own, own_lens
+    return q, k_pool, v_pool, shared, own
 
 
 @pytest.mark.parametrize("B,Hkv,G,D,shared_len,own_max", [
@@ -181,36 +176,64 @@ def _decode_inputs(B, Hkv, G, D, shared_len, own_max, seed=0):
 def test_decode_attention_matches_reference(B, Hkv, G, D, shared_len, own_max):
     from agentrt.kernels.attention import decode_attention_ref
 
-    q, k_pool, v_pool, shared, own, own_lens = _decode_inputs(B, Hkv, G, D, shared_len, own_max,
-                                                              seed=B * 1000 + D + shared_len)
-    table = cpu.DecodeTable(shared, own, own_lens, k_pool.shape[0])
+    q, k_pool, v_pool, shared, own = _decode_inputs(B, Hkv, G, D, shared_len, own_max, seed=B * 1000 + D + shared_len)
+    table = cpu.DecodeTable(shared, own, k_pool.shape[0])
     scale = D**-0.5
     out, lse = cpu.decode_attention(q, k_pool, v_pool, table, scale)
-    ref_out, ref_lse = decode_attention_ref(q, k_pool, v_pool, shared, own, own_lens, scale)
+    ref_out, ref_lse = decode_attention_ref(q, k_pool, v_pool, shared, own, scale)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
 
 
-def test_decode_attention_ignores_what_lies_past_each_length():
-    q, k_pool, v_pool, shared, own, own_lens = _decode_inputs(4, 2, 4, 32, 20, 30, seed=7)
-    table = cpu.DecodeTable(shared, own, own_lens, k_pool.shape[0])
-    before = cpu.decode_attention(q, k_pool, v_pool, table, 0.2)
-    for b in range(4):  # padding entries point elsewhere: nothing may change
-        own[b, int(own_lens[b]):] = 299 - b
-    after = cpu.decode_attention(q, k_pool, v_pool, cpu.DecodeTable(shared, own, own_lens, k_pool.shape[0]), 0.2)
-    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
-
-
 def test_decode_table_rejects_what_the_kernel_cannot_index():
-    q, k_pool, v_pool, shared, own, own_lens = _decode_inputs(3, 2, 4, 32, 5, 6, seed=1)
+    q, k_pool, v_pool, shared, own = _decode_inputs(3, 2, 4, 32, 5, 6, seed=1)
     with pytest.raises(ValueError, match=r"slots must lie in \[0, 300\), got .*300"):
-        cpu.DecodeTable(torch.cat([shared, torch.tensor([300])]), own, own_lens, 300)
-    with pytest.raises(ValueError, match=r"own_lens must lie in \[0, 6\]"):
-        cpu.DecodeTable(shared, own, own_lens + 7, 300)
-    with pytest.raises(ValueError, match="give every sequence a key"):
-        cpu.DecodeTable(shared[:0], own, torch.tensor([0, 1, 1]), 300)
-    table = cpu.DecodeTable(shared, own, own_lens, 300)
+        cpu.DecodeTable(torch.cat([shared, torch.tensor([300])]), own, 300)
+    with pytest.raises(ValueError, match=r"slots must lie in \[0, 300\), got -1"):
+        cpu.DecodeTable(shared, [torch.tensor([1]), torch.tensor([-1, 4]), torch.tensor([2])], 300)
+    with pytest.raises(ValueError, match="sequence 1 has no key"):
+        cpu.DecodeTable(shared[:0], [torch.tensor([1]), torch.tensor([], dtype=torch.long), torch.tensor([2])], 300)
+    table = cpu.DecodeTable(shared, own, 300)
     with pytest.raises(ValueError, match="shapes do not agree"):
         cpu.decode_attention(q[:2], k_pool, v_pool, table, 0.2)
     with pytest.raises(ValueError, match="shapes do not agree"):
         cpu.decode_attention(q, k_pool[:299], v_pool[:299], table, 0.2)
+
+
+@pytest.mark.parametrize("rows,dim,ld", [(1, 256, 256), (32, 256, 256), (2048, 256, 300), (5, 24, 40), (0, 8, 8)])
+def test_rms_norm_matches_torch(rows, dim, ld):
+    g = torch.Generator().manual_seed(rows + dim)
+    x = (torch.randn(rows, ld, generator=g) * 3)[:, :dim]  # rows of a wider tensor: strided
+    weight = torch.rand(dim, generator=g) + 0.5
+    got = cpu.rms_norm(x, weight, 1e-5)
+    torch.testing.assert_close(got, torch.nn.functional.rms_norm(x, (dim,), weight, 1e-5), rtol=1e-6, atol=1e-6)
+    assert got.is_contiguous()
+    with pytest.raises(ValueError, match="one weight per column"):
+        cpu.rms_norm(x, weight[:-1], 1e-5)
+
+
+def test_the_kernels_step_aside_where_gradients_are_wanted():
+    """Training through the model (RL on CPU) must get gradients: the C kernels record none, so the
+    layers take torch's operators whenever autograd is on and something needs a gradient."""
+    from agentrt.model.config import ModelConfig
+    from agentrt.model.layers import MoE, RMSNorm
+    from agentrt.model.tiny import TINY_CONFIG
+
+    torch.manual_seed(0)
+    norm = RMSNorm(16, 1e-5)
+    x = torch.randn(4, 16, requires_grad=True)
+    assert cpu.rms_norm_fits(x.detach(), norm.weight.detach())
+    assert not cpu.rms_norm_fits(x, norm.weight)
+    norm(x).square().sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None and x.grad.abs().sum() > 0
+
+    moe = MoE(ModelConfig.from_dict(TINY_CONFIG))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    h = torch.randn(3, TINY_CONFIG["hidden_size"])
+    with torch.no_grad():
+        fast = moe(h)  # decode-sized and no gradient wanted: the C kernel
+    slow = moe(h)
+    slow.sum().backward()
+    assert moe.experts.up_proj.grad is not None and moe.experts.up_proj.grad.abs().sum() > 0
+    torch.testing.assert_close(slow.detach(), fast, rtol=1e-5, atol=1e-5)

@@ -18,6 +18,7 @@ import ctypes
 import functools
 import hashlib
 import itertools
+import math
 import os
 import platform
 import shutil
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 CPU_KERNELS_ENV = "AGENTRT_CPU_KERNELS"
-SOURCES = ("cpu_mamba.c", "cpu_moe.c", "cpu_attention.c", "cpu_norm.c")
+SOURCES = ("cpu_mamba.c", "cpu_moe.c", "cpu_attention.c", "cpu_norm.c", "cpu_linear.c")
 # Compiled with -ffast-math but linked without it: linking with it would add crtfastmath.o, whose
 # constructor turns on flush-to-zero for the whole process when the library loads.
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC")
@@ -40,10 +41,12 @@ _SIGNATURES = {
                               _ptr, _ptr, _ptr, _f32, _f32, _i64, _ptr, _ptr, _ptr, _ptr, ctypes.c_int],
     "agentrt_moe_experts_f32": [_i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int],
     "agentrt_rms_norm_f32": [_i64, _i64, _ptr, _i64, _ptr, _f32, _ptr, ctypes.c_int],
+    "agentrt_linear_f32": [_i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, ctypes.c_int],
+    "agentrt_linear_vector_width": [],
     "agentrt_decode_attention_f32": [_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _f32, _ptr,
                                      _ptr, ctypes.c_int],
 }
-_RESTYPES = {"agentrt_moe_experts_f32": ctypes.c_int}
+_RESTYPES = {"agentrt_moe_experts_f32": ctypes.c_int, "agentrt_linear_vector_width": ctypes.c_int}
 
 
 def enabled() -> bool:
@@ -229,6 +232,71 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     lib.agentrt_rms_norm_f32(T, H, x.data_ptr(), x.stride(0), weight.data_ptr(), eps, y.data_ptr(),
                              torch.get_num_threads())
     return y
+
+
+LINEAR_PANEL = 16  # output columns per packed panel (PANEL in cpu_linear.c)
+
+
+class PackedLinear:
+    """A linear layer's weight [N, K] repacked for `linear`: panels of 16 output columns, k-major
+    ([ceil(N / 16), K, 16], zero past N). A copy, made once; `stale` tells when the weight changed
+    since (an optimizer step or a load bumps its version; a move gives it new storage)."""
+
+    def __init__(self, weight: torch.Tensor):
+        if weight.dim() != 2:
+            raise ValueError(f"PackedLinear: a weight [out, in] is 2-D, got {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        w = weight.detach()
+        pad = -self.out_features % LINEAR_PANEL
+        if pad:
+            w = torch.cat([w, w.new_zeros(pad, self.in_features)])
+        self.panels = w.view(w.shape[0] // LINEAR_PANEL, LINEAR_PANEL, self.in_features).transpose(1, 2).contiguous()
+        self._source = _identity(weight)
+
+    def stale(self, weight: torch.Tensor) -> bool:
+        return _identity(weight) != self._source
+
+
+def _identity(t: torch.Tensor) -> tuple[int, int, int]:
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor keeps no version counter (and cannot change outside inference)
+        version = -1
+    return t.data_ptr(), version, t.numel()
+
+
+def linear_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` is the faster path: float32 on CPU, no gradient wanted, and the kernels built
+    for a machine with vectors of at least 8 floats (AVX and up; with narrower ones the platform's
+    BLAS wins at prefill sizes)."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.shape[-1] == weight.shape[1]
+            and _no_grad_needed(x, weight) and available() and _linear_vector_width() >= 8)
+
+
+@functools.cache
+def _linear_vector_width() -> int:
+    return library().agentrt_linear_vector_width()
+
+
+def linear(x: torch.Tensor, packed: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` in C from the packed weight. x: [..., K] float32; bias: [N] or None.
+    Every output is one in-order sum over K, so a row's result does not depend on its batch."""
+    lib = _built("linear_fits")
+    N, K = packed.out_features, packed.in_features
+    if x.shape[-1] != K or (bias is not None and bias.shape != (N,)):
+        raise ValueError(f"linear: x {tuple(x.shape)}, a packed weight [{N}, {K}] and bias "
+                         f"{None if bias is None else tuple(bias.shape)}: shapes do not agree")
+    lead = x.shape[:-1]
+    x2 = x if x.dim() == 2 and x.stride(1) == 1 else x.reshape(math.prod(lead), K)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    if M and N:
+        bias = None if bias is None else bias.detach().contiguous()
+        lib.agentrt_linear_f32(M, N, K, x2.data_ptr(), x2.stride(0), packed.panels.data_ptr(), _ptr_of(bias),
+                               y.data_ptr(), N, torch.get_num_threads())
+    return y.view(*lead, N)
 
 
 MOE_MAX_ROWS_PER_EXPERT = 8  # beyond this many (token, choice) pairs per expert, batched matmuls win

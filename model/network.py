@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Block, RMSNorm
+from .layers import Block, Linear, RMSNorm
 from .state import SequenceBatchView, SequenceState, StateView
 
 
@@ -30,7 +30,7 @@ class MTPLayer(Block):
         H, eps = config.hidden_size, config.layer_norm_epsilon
         if first:
             self.enorm, self.hnorm = RMSNorm(H, eps), RMSNorm(H, eps)
-            self.eh_proj = nn.Linear(2 * H, H, bias=False)
+            self.eh_proj = Linear(2 * H, H, bias=False)
         if last:
             self.final_layernorm = RMSNorm(H, eps)
         self.first, self.last = first, last
@@ -62,7 +62,7 @@ class NemotronH(nn.Module):
         self.config = config
         self.backbone = Backbone(config)
         tie = config.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if tie:
             self.lm_head.weight = self.backbone.embeddings.weight
         self.mtp = MTP(config) if config.num_nextn_predict_layers else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,4 +237,91 @@ def test_the_kernels_step_aside_where_gradients_are_wanted():
     slow = moe(h)
     slow.sum().backward()
     assert moe.experts.up_proj.grad is not None and moe.experts.up_proj.grad.abs().sum() > 0
-    torch.testing.assert_close(slow.detach(), fast, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(slow.detach(), fast, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("M,N,K,bias", [
+    (32, 648, 256, False),   # the embedded model's Mamba in_proj at decode: 8-row tiles, a half panel pair
+    (1, 2048, 256, False),   # one row against the LM head
+    (130, 100, 64, True),    # past one 64-row work item, a ragged last panel, a bias
+    (9, 16, 3, True),        # one panel, a tail row tile
+    (7, 33, 1, False),       # a panel with one column
+    (5, 24, 0, True),        # no inputs: the bias alone
+])
+def test_linear_matches_torch(M, N, K, bias):
+    g = torch.Generator().manual_seed(M * 7 + N + K)
+    x = torch.randn(M, K + 5, generator=g)[:, 2:K + 2]  # rows of a wider tensor: strided
+    weight = torch.randn(N, K, generator=g) / max(K, 1) ** 0.5
+    b = torch.randn(N, generator=g) if bias else None
+    got = cpu.linear(x, cpu.PackedLinear(weight), b)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+    x3 = torch.randn(2, 3, K, generator=g)
+    torch.testing.assert_close(cpu.linear(x3, cpu.PackedLinear(weight), b), torch.nn.functional.linear(x3, weight, b),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_linear_rows_do_not_depend_on_their_batch():
+    """Each output is one in-order sum, whatever tile or thread computed its row: a request's
+    projections are the same bits alone or batched (the engine's batch invariance rests on it)."""
+    g = torch.Generator().manual_seed(3)
+    x, weight = torch.randn(70, 256, generator=g), torch.randn(300, 256, generator=g)
+    packed = cpu.PackedLinear(weight)
+    whole = cpu.linear(x, packed)
+    for rows in ([0], [5, 6, 7], list(range(61, 70))):
+        assert torch.equal(cpu.linear(x[rows], packed), whole[rows])
+
+
+def test_linear_layer_repacks_when_its_weight_changes():
+    from agentrt.model.layers import Linear
+
+    layer = Linear(64, 40, bias=True)
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        first = layer(x)
+        packed = layer._packed
+        assert packed is not None and not packed.stale(layer.weight)
+        torch.testing.assert_close(first, torch.nn.functional.linear(x, layer.weight, layer.bias))
+        layer.weight.mul_(-2)  # an in-place update, as an optimizer step makes
+        assert packed.stale(layer.weight)
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        assert layer._packed is not packed
+        layer.load_state_dict({"weight": torch.randn(40, 64), "bias": torch.zeros(40)})
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    y = layer(x)  # gradients wanted: torch's matmul, which records them
+    y.sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_linear_rejects_mismatched_shapes():
+    packed = cpu.PackedLinear(torch.randn(8, 4))
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        cpu.linear(torch.randn(3, 5), packed)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        cpu.linear(torch.randn(3, 4), packed, torch.randn(7))
+    with pytest.raises(ValueError, match="is 2-D"):
+        cpu.PackedLinear(torch.randn(2, 8, 4))
+
+
+@pytest.mark.parametrize("march,width", [("x86-64-v3", 8), ("x86-64", 4)])
+def test_linear_on_narrower_vectors(march, width, tmp_path):
+    """The same source built for AVX2 and for SSE (what machines without AVX-512 run) gives the
+    same products; the engine takes the C path only from 8-float vectors up."""
+    import ctypes
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 instruction sets")
+    src = Path(cpu.__file__).with_name("cpu_linear.c")
+    lib_path = tmp_path / f"linear-{march}.so"
+    subprocess.run([cpu._compiler(), "-O3", f"-march={march}", "-ffast-math", "-fPIC", "-fopenmp", "-shared",
+                    str(src), "-o", str(lib_path)], check=True, capture_output=True)
+    lib = ctypes.CDLL(str(lib_path))
+    lib.agentrt_linear_f32.argtypes = cpu._SIGNATURES["agentrt_linear_f32"]
+    assert lib.agentrt_linear_vector_width() == width
+    g = torch.Generator().manual_seed(5)
+    for M, N, K in ((32, 100, 256), (3, 16, 7), (65, 33, 40)):
+        x, weight, bias = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+        packed = cpu.PackedLinear(weight)
+        y = torch.empty(M, N)
+        lib.agentrt_linear_f32(M, N, K, x.data_ptr(), K, packed.panels.data_ptr(), bias.data_ptr(), y.data_ptr(), N, 2)
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-4)

@@ -299,6 +299,52 @@ def linear(x: torch.Tensor, packed: PackedLinear, bias: torch.Tensor | None = No
     return y.view(*lead, N)
 
 
+class PackedExperts:
+    """Routed experts' weights (up [E, I, Din], down [E, Din, I]) packed expert by expert for `linear`."""
+
+    def __init__(self, up: torch.Tensor, down: torch.Tensor):
+        if up.dim() != 3 or down.dim() != 3 or down.shape != (up.shape[0], up.shape[2], up.shape[1]):
+            raise ValueError(f"PackedExperts: up {tuple(up.shape)} and down {tuple(down.shape)} must be "
+                             "[E, I, Din] and [E, Din, I]")
+        self.up = [PackedLinear(w) for w in up]
+        self.down = [PackedLinear(w) for w in down]
+        self._source = (_identity(up), _identity(down))
+
+    def stale(self, up: torch.Tensor, down: torch.Tensor) -> bool:
+        return (_identity(up), _identity(down)) != self._source
+
+
+def moe_experts_packed_fits(x: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether `moe_experts_packed` is the faster path: `linear`'s conditions (prefill-sized batches;
+    decode-sized ones go to `moe_experts`)."""
+    return linear_fits(x, up[0].t())
+
+
+def moe_experts_packed(x: torch.Tensor, experts: PackedExperts, topk_ids: torch.Tensor,
+                       topk_weights: torch.Tensor) -> torch.Tensor:
+    """`moe_experts_ref` with each expert's two products done by `linear`: rows sorted by expert, one
+    unpadded pair of products per expert, results weighted and added into the output by token."""
+    T, k = topk_ids.shape
+    E, d_in = len(experts.up), x.shape[1]
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E).tolist()
+    if len(counts) != E:
+        raise ValueError(f"moe_experts_packed: expert ids must lie in [0, {E}), got up to {len(counts) - 1}")
+    tokens = order // k
+    weights = topk_weights.reshape(-1)[order, None].float()
+    xs = x.index_select(0, tokens)
+    out = torch.zeros(T, d_in, dtype=torch.float32)
+    start = 0
+    for expert, n in enumerate(counts):
+        if n:
+            h = linear(xs[start:start + n], experts.up[expert])
+            h = linear(torch.relu_(h).square_(), experts.down[expert])
+            out.index_add_(0, tokens[start:start + n], h.mul_(weights[start:start + n]))
+            start += n
+    return out.to(x.dtype)
+
+
 MOE_MAX_ROWS_PER_EXPERT = 8  # beyond this many (token, choice) pairs per expert, batched matmuls win
 
 

@@ -117,6 +117,30 @@ def test_moe_experts_matches_reference(T, E, k):
     torch.testing.assert_close(got, moe_experts_ref(x, up, down, ids, weights), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("T,E,k,skew", [(300, 16, 4, False), (200, 8, 2, True), (9, 4, 4, False)])
+def test_moe_experts_packed_matches_reference(T, E, k, skew):
+    from agentrt.kernels.moe import moe_experts_ref
+
+    g = torch.Generator().manual_seed(T + E + k)
+    d_in, inter = 40, 72
+    x = torch.randn(T, d_in, generator=g)
+    up = torch.randn(E, inter, d_in, generator=g) / d_in**0.5
+    down = torch.randn(E, d_in, inter, generator=g) / inter**0.5
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    if skew:  # most rows choose experts 0 and 1
+        for t in range(int(0.8 * T)):
+            ids[t] = torch.cat([torch.tensor([0, 1]), 2 + torch.randperm(E - 2, generator=g)[:k - 2]])
+    weights = torch.rand(T, k, generator=g)
+    experts = cpu.PackedExperts(up, down)
+    got = cpu.moe_experts_packed(x, experts, ids, weights)
+    torch.testing.assert_close(got, moe_experts_ref(x, up, down, ids, weights), rtol=1e-5, atol=1e-5)
+    assert not experts.stale(up, down)
+    up.mul_(2)
+    assert experts.stale(up, down)
+    with pytest.raises(ValueError, match=r"expert ids must lie in \[0, %d\)" % E):
+        cpu.moe_experts_packed(x[:1], experts, torch.full((1, k), E), weights[:1])
+
+
 def test_moe_experts_is_chosen_for_decode_sizes_only():
     up = torch.empty(16, 32, 8)
     decode, prefill = torch.zeros(32, 4, dtype=torch.long), torch.zeros(1000, 4, dtype=torch.long)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from agentrt.kernels import KERNELS_ENV
+
 CPU_KERNELS_ENV = "AGENTRT_CPU_KERNELS"
 SOURCES = ("cpu_mamba.c", "cpu_moe.c", "cpu_attention.c", "cpu_norm.c", "cpu_linear.c")
 # Compiled with -ffast-math but linked without it: linking with it would add crtfastmath.o, whose
@@ -54,9 +56,21 @@ def enabled() -> bool:
 
     Read on every call (a test or a user may change it at run time), decided once per pair of values.
     """
-    from agentrt.kernels import KERNELS_ENV
+    return _enabled(_getenv(CPU_KERNELS_ENV), _getenv(KERNELS_ENV))
 
-    return _enabled(os.environ.get(CPU_KERNELS_ENV), os.environ.get(KERNELS_ENV))
+
+# os.environ.get costs ~0.7 us (it encodes the key on every call) and the switches are read on
+# every kernel dispatch, dozens of times a decode step: on POSIX read the mapping os.environ keeps
+# (and writes through on assignment) with the keys encoded once.
+_ENVIRON = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_ENV_KEYS = {name: os.fsencode(name) for name in (CPU_KERNELS_ENV, KERNELS_ENV)}
+
+
+def _getenv(name: str) -> str | None:
+    if _ENVIRON is None:
+        return os.environ.get(name)
+    value = _ENVIRON.get(_ENV_KEYS[name])
+    return None if value is None else os.fsdecode(value)
 
 
 @functools.lru_cache(maxsize=16)
@@ -158,7 +172,7 @@ def _ptr_of(t: torch.Tensor | None) -> int | None:
 
 def mamba_mix_fits(zxbcdt: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.Tensor) -> bool:
     """Whether `mamba_mix` takes these tensors: float32 on CPU, and the kernels available."""
-    return (zxbcdt.device.type == "cpu" and zxbcdt.dtype == conv_pool.dtype == ssm_pool.dtype == torch.float32
+    return (zxbcdt.is_cpu and zxbcdt.dtype == conv_pool.dtype == ssm_pool.dtype == torch.float32
             and available())
 
 
@@ -215,7 +229,7 @@ def _no_grad_needed(*tensors: torch.Tensor) -> bool:
 def rms_norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `rms_norm` takes these: float32 on CPU, rows of unit stride, no gradient wanted, and
     the kernels available."""
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 2
+    return (x.is_cpu and x.dtype == weight.dtype == torch.float32 and x.dim() == 2
             and x.stride(1) == 1 and _no_grad_needed(x, weight) and available())
 
 
@@ -269,7 +283,7 @@ def linear_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear` is the faster path: float32 on CPU, no gradient wanted, and the kernels built
     for a machine with vectors of at least 8 floats (AVX and up; with narrower ones the platform's
     BLAS wins at prefill sizes)."""
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.shape[-1] == weight.shape[1]
+    return (x.is_cpu and x.dtype == weight.dtype == torch.float32 and x.shape[-1] == weight.shape[1]
             and _no_grad_needed(x, weight) and available() and _linear_vector_width() >= 8)
 
 
@@ -286,17 +300,18 @@ def linear(x: torch.Tensor, packed: PackedLinear, bias: torch.Tensor | None = No
     if x.shape[-1] != K or (bias is not None and bias.shape != (N,)):
         raise ValueError(f"linear: x {tuple(x.shape)}, a packed weight [{N}, {K}] and bias "
                          f"{None if bias is None else tuple(bias.shape)}: shapes do not agree")
-    lead = x.shape[:-1]
-    x2 = x if x.dim() == 2 and x.stride(1) == 1 else x.reshape(math.prod(lead), K)
+    flat = x.dim() == 2 and x.stride(1) == 1
+    x2 = x if flat else x.reshape(math.prod(x.shape[:-1]), K)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
     if M and N:
-        bias = None if bias is None else bias.detach().contiguous()
+        if bias is not None:
+            bias = bias.detach().contiguous()
         lib.agentrt_linear_f32(M, N, K, x2.data_ptr(), x2.stride(0), packed.panels.data_ptr(), _ptr_of(bias),
                                y.data_ptr(), N, torch.get_num_threads())
-    return y.view(*lead, N)
+    return y if flat else y.view(*x.shape[:-1], N)
 
 
 class PackedExperts:
@@ -352,7 +367,7 @@ def moe_experts_fits(x: torch.Tensor, up: torch.Tensor, topk_ids: torch.Tensor) 
     """Whether `moe_experts` is the faster path here: float32 on CPU, decode-sized (a few rows per
     expert: the C kernel multiplies row by row, where a large batch wants matmuls), no gradient
     wanted, kernels built."""
-    return (x.device.type == "cpu" and x.dtype == up.dtype == torch.float32
+    return (x.is_cpu and x.dtype == up.dtype == torch.float32
             and topk_ids.numel() <= MOE_MAX_ROWS_PER_EXPERT * up.shape[0] and _no_grad_needed(x, up) and available())
 
 
@@ -411,7 +426,7 @@ class DecodeTable:
 
 def decode_attention_fits(q: torch.Tensor, k_pool: torch.Tensor) -> bool:
     """Whether `decode_attention` takes these: float32 on CPU, and the kernels available."""
-    return q.device.type == "cpu" and q.dtype == k_pool.dtype == torch.float32 and available()
+    return q.is_cpu and q.dtype == k_pool.dtype == torch.float32 and available()
 
 
 def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: DecodeTable,

@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -43,7 +44,7 @@ _SIGNATURES = {
                               _ptr, _ptr, _ptr, _f32, _f32, _i64, _ptr, _ptr, _ptr, _ptr, ctypes.c_int],
     "agentrt_moe_experts_f32": [_i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int],
     "agentrt_rms_norm_f32": [_i64, _i64, _ptr, _i64, _ptr, _f32, _ptr, ctypes.c_int],
-    "agentrt_linear_f32": [_i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, ctypes.c_int],
+    "agentrt_linear_f32": [_i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, ctypes.c_int, _ptr, _i64, ctypes.c_int],
     "agentrt_linear_vector_width": [],
     "agentrt_decode_attention_f32": [_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _f32, _ptr,
                                      _ptr, ctypes.c_int],
@@ -252,23 +253,42 @@ LINEAR_PANEL = 16  # output columns per packed panel (PANEL in cpu_linear.c)
 
 
 class PackedLinear:
-    """A linear layer's weight [N, K] repacked for `linear`: panels of 16 output columns, k-major
-    ([ceil(N / 16), K, 16], zero past N). A copy, made once; `stale` tells when the weight changed
-    since (an optimizer step or a load bumps its version; a move gives it new storage)."""
+    """One or more linear maps over the same input, repacked for `linear`: the weights [N_i, K]
+    stacked along N and cut into panels of 16 output columns, k-major ([ceil(N / 16), K, 16], zero
+    past N), the biases (absent ones zero) padded alike. A copy, made once; `stale` tells when a
+    source changed since (an optimizer step or a load bumps its version; a move gives it new
+    storage). Several maps packed together are one call whose output columns are theirs in order."""
 
-    def __init__(self, weight: torch.Tensor):
-        if weight.dim() != 2:
-            raise ValueError(f"PackedLinear: a weight [out, in] is 2-D, got {tuple(weight.shape)}")
-        self.out_features, self.in_features = weight.shape
-        w = weight.detach()
+    def __init__(self, weights: torch.Tensor | Sequence[torch.Tensor],
+                 biases: torch.Tensor | None | Sequence[torch.Tensor | None] = None):
+        weights = [weights] if isinstance(weights, torch.Tensor) else list(weights)
+        if biases is None:
+            biases = [None] * len(weights)
+        elif isinstance(biases, torch.Tensor):
+            biases = [biases]
+        else:
+            biases = list(biases)
+        if not weights or any(w.dim() != 2 or w.shape[1] != weights[0].shape[1] for w in weights):
+            raise ValueError(f"PackedLinear: weights [out, in] are 2-D with one input size, got "
+                             f"{[tuple(w.shape) for w in weights]}")
+        if len(biases) != len(weights) or any(b is not None and b.shape != (w.shape[0],) for w, b in zip(weights, biases)):
+            raise ValueError(f"PackedLinear: one bias [out] (or None) per weight, got {len(biases)} for {len(weights)}")
+        self.in_features = weights[0].shape[1]
+        self.splits = [w.shape[0] for w in weights]
+        self.out_features = sum(self.splits)
         pad = -self.out_features % LINEAR_PANEL
-        if pad:
-            w = torch.cat([w, w.new_zeros(pad, self.in_features)])
+        w = torch.cat([t.detach() for t in weights] + [weights[0].new_zeros(pad, self.in_features)])
         self.panels = w.view(w.shape[0] // LINEAR_PANEL, LINEAR_PANEL, self.in_features).transpose(1, 2).contiguous()
-        self._source = _identity(weight)
+        self.bias = None
+        if any(b is not None for b in biases):
+            self.bias = torch.cat([b.detach() if b is not None else w.new_zeros(n) for b, n in zip(biases, self.splits)]
+                                  + [w.new_zeros(pad)]).contiguous()
+        self._sources = [t for t in (*weights, *biases) if t is not None]
+        self._identity = [_identity(t) for t in self._sources]
 
-    def stale(self, weight: torch.Tensor) -> bool:
-        return _identity(weight) != self._source
+    def stale(self, *sources: torch.Tensor | None) -> bool:
+        """Whether these (the weights then the biases given at packing, Nones skipped) changed since."""
+        return [_identity(t) for t in sources if t is not None] != self._identity
 
 
 def _identity(t: torch.Tensor) -> tuple[int, int, int]:
@@ -292,14 +312,14 @@ def _linear_vector_width() -> int:
     return library().agentrt_linear_vector_width()
 
 
-def linear(x: torch.Tensor, packed: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` in C from the packed weight. x: [..., K] float32; bias: [N] or None.
-    Every output is one in-order sum over K, so a row's result does not depend on its batch."""
+def linear(x: torch.Tensor, packed: PackedLinear, relu2: bool = False) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` in C from the packed maps (their outputs side by side), then
+    relu(.)^2 if asked. x: [..., K] float32. Every output is one in-order sum over K, so a row's
+    result does not depend on its batch."""
     lib = _built("linear_fits")
     N, K = packed.out_features, packed.in_features
-    if x.shape[-1] != K or (bias is not None and bias.shape != (N,)):
-        raise ValueError(f"linear: x {tuple(x.shape)}, a packed weight [{N}, {K}] and bias "
-                         f"{None if bias is None else tuple(bias.shape)}: shapes do not agree")
+    if x.shape[-1] != K:
+        raise ValueError(f"linear: x {tuple(x.shape)} and a packed weight [{N}, {K}]: shapes do not agree")
     flat = x.dim() == 2 and x.stride(1) == 1
     x2 = x if flat else x.reshape(math.prod(x.shape[:-1]), K)
     if x2.stride(1) != 1:
@@ -307,10 +327,8 @@ def linear(x: torch.Tensor, packed: PackedLinear, bias: torch.Tensor | None = No
     M = x2.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
     if M and N:
-        if bias is not None:
-            bias = bias.detach().contiguous()
-        lib.agentrt_linear_f32(M, N, K, x2.data_ptr(), x2.stride(0), packed.panels.data_ptr(), _ptr_of(bias),
-                               y.data_ptr(), N, torch.get_num_threads())
+        lib.agentrt_linear_f32(M, N, K, x2.data_ptr(), x2.stride(0), packed.panels.data_ptr(), _ptr_of(packed.bias),
+                               int(relu2), y.data_ptr(), N, torch.get_num_threads())
     return y if flat else y.view(*x.shape[:-1], N)
 
 
@@ -353,8 +371,7 @@ def moe_experts_packed(x: torch.Tensor, experts: PackedExperts, topk_ids: torch.
     start = 0
     for expert, n in enumerate(counts):
         if n:
-            h = linear(xs[start:start + n], experts.up[expert])
-            h = linear(torch.relu_(h).square_(), experts.down[expert])
+            h = linear(linear(xs[start:start + n], experts.up[expert], relu2=True), experts.down[expert])
             out.index_add_(0, tokens[start:start + n], h.mul_(weights[start:start + n]))
             start += n
     return out.to(x.dtype)

@@ -29,17 +29,26 @@
 #define ROWS 2
 #endif
 typedef float fv __attribute__((vector_size(VL * sizeof(float))));
+typedef int32_t iv __attribute__((vector_size(VL * sizeof(float))));
 typedef float fv_unaligned __attribute__((vector_size(VL * sizeof(float)), aligned(sizeof(float))));
 
 #define PANEL 16              /* output columns per packed panel */
 #define NV (PANEL / VL)       /* vectors per panel row */
 #define ROW_BLOCK 64          /* rows per work item */
 #define SERIAL_MACS (1 << 18) /* below this many multiply-adds, one thread */
+#define ACT_RELU2 1           /* act: 0 none, 1 squared ReLU after the bias */
+
+/* relu(v)^2: the sign bit's mask keeps the positive lanes */
+static inline fv relu2(fv v)
+{
+    const fv r = (fv)((iv)v & (v > 0.0f));
+    return r * r;
+}
 
 /* y[0:mb, 0:16 * np] for np = 1 or 2 panels, of which n0 and n1 columns exist */
 static inline __attribute__((always_inline)) void tile(
     const int mb, const int np, int64_t K, const float *x, int64_t ldx, const float *p0, const float *p1,
-    const float *bias, float *y, int64_t ldy, int64_t n0, int64_t n1)
+    const float *bias, int act, float *y, int64_t ldy, int64_t n0, int64_t n1)
 {
     fv a[ROWS][2 * NV];
     for (int i = 0; i < mb; i++)
@@ -58,10 +67,14 @@ static inline __attribute__((always_inline)) void tile(
     const int64_t n = np == 2 ? PANEL + n1 : n0;
     for (int i = 0; i < mb; i++) {
         float *yr = y + i * ldy;
-        if (n == np * PANEL && !bias) {
+        for (int v = 0; v < np * NV; v++) {
+            if (bias) a[i][v] += *(const fv_unaligned *)(bias + v * VL); /* packed: bias padded to the panels */
+            if (act == ACT_RELU2) a[i][v] = relu2(a[i][v]);
+        }
+        if (n == np * PANEL) {
             for (int v = 0; v < np * NV; v++) *(fv_unaligned *)(yr + v * VL) = a[i][v];
         } else {
-            for (int64_t c = 0; c < n; c++) yr[c] = a[i][c / VL][c % VL] + (bias ? bias[c] : 0.0f);
+            for (int64_t c = 0; c < n; c++) yr[c] = a[i][c / VL][c % VL];
         }
     }
 }
@@ -70,7 +83,7 @@ static inline int64_t columns(int64_t n) { return n >= PANEL ? PANEL : n; }
 
 /* one tile call per count of rows (and of panels), each a constant, so the tiles unroll; the
  * counts above ROWS never occur (clamped only to keep the compiler's bounds checks quiet) */
-#define TILE(mb, np) tile((mb) < ROWS ? (mb) : ROWS, np, K, xr, ldx, p0, p1, b, yr, ldy, m0, m1)
+#define TILE(mb, np) tile((mb) < ROWS ? (mb) : ROWS, np, K, xr, ldx, p0, p1, b, act, yr, ldy, m0, m1)
 #define TILES(np)                        \
     switch (rows) {                      \
     case 8: TILE(8, np); break;          \
@@ -88,7 +101,8 @@ void agentrt_linear_f32(
     const float *x,      /* [M, K], rows ldx apart */
     int64_t ldx,
     const float *packed, /* [ceil(N / 16), K, 16]: the weight in panels (see above) */
-    const float *bias,   /* [N] or NULL */
+    const float *bias,   /* [ceil(N / 16) * 16] (zero past N) or NULL */
+    int act,             /* ACT_RELU2: y = relu(x W^T + bias)^2 */
     float *y,            /* [M, N], rows ldy apart */
     int64_t ldy,
     int nthreads)

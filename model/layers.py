@@ -46,16 +46,22 @@ class Linear(nn.Linear):
     """`nn.Linear` (same parameters, same checkpoint names) that on CPU, in float32 and where no
     gradient is wanted, multiplies in C from a copy of its weight packed for that kernel: at decode
     sizes about twice torch's speed (docs/kernels.md). The copy is made at first use and again
-    whenever the weight changes (a load, an optimizer step, a move)."""
+    whenever the weight changes (a load, an optimizer step, a move). `relu2=True` returns
+    relu(.)^2 of the output, in the same pass on the C path."""
 
     _packed: cpu_kernels.PackedLinear | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, relu2: bool = False) -> torch.Tensor:
         if cpu_kernels.linear_fits(x, self.weight):
-            if self._packed is None or self._packed.stale(self.weight):
-                self._packed = cpu_kernels.PackedLinear(self.weight)
-            return cpu_kernels.linear(x, self._packed, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            if self._packed is None or self._packed.stale(self.weight, self.bias):
+                self._packed = cpu_kernels.PackedLinear(self.weight, self.bias)
+            return cpu_kernels.linear(x, self._packed, relu2)
+        y = F.linear(x, self.weight, self.bias)
+        if not relu2:
+            return y
+        if torch.is_grad_enabled() and y.requires_grad:
+            return torch.relu(y).square()
+        return torch.relu_(y).square_()  # in place on the fresh projection: no new buffers to fault in
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
@@ -76,12 +82,9 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[config.mlp_hidden_act]
 
     def forward(self, x: torch.Tensor, view: StateView | None = None) -> torch.Tensor:
-        h = self.up_proj(x)
-        if self.act is relu2 and not torch.is_grad_enabled():
-            h = torch.relu_(h).square_()  # in place on the fresh projection: no new buffers to fault in
-        else:
-            h = self.act(h)
-        return self.down_proj(h)
+        if self.act is relu2:
+            return self.down_proj(self.up_proj(x, relu2=True))
+        return self.down_proj(self.act(self.up_proj(x)))
 
 
 class Router(nn.Module):
@@ -182,11 +185,21 @@ class Attention(nn.Module):
         self.v_proj = Linear(hidden, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = Linear(self.heads * self.head_dim, hidden, bias=False)
 
+    _packed_qkv: cpu_kernels.PackedLinear | None = None
+
     def forward(self, x: torch.Tensor, view: StateView) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if cpu_kernels.linear_fits(x, self.q_proj.weight):  # the three in one call
+            sources = [p.weight for p in projections] + [p.bias for p in projections]
+            if self._packed_qkv is None or self._packed_qkv.stale(*sources):
+                self._packed_qkv = cpu_kernels.PackedLinear(sources[:3], sources[3:])
+            q, k, v = cpu_kernels.linear(x, self._packed_qkv).split(self._packed_qkv.splits, dim=1)
+        else:
+            q, k, v = (p(x) for p in projections)
+        q = q.view(T, self.heads, self.head_dim)
+        k = k.view(T, self.kv_heads, self.head_dim)
+        v = v.view(T, self.kv_heads, self.head_dim)
         return self.o_proj(view.attention(self.layer, q, k, v).reshape(T, -1))
 
 

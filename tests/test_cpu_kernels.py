@@ -277,11 +277,12 @@ def test_linear_matches_torch(M, N, K, bias):
     x = torch.randn(M, K + 5, generator=g)[:, 2:K + 2]  # rows of a wider tensor: strided
     weight = torch.randn(N, K, generator=g) / max(K, 1) ** 0.5
     b = torch.randn(N, generator=g) if bias else None
-    got = cpu.linear(x, cpu.PackedLinear(weight), b)
-    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+    packed = cpu.PackedLinear(weight, b)
+    expected = torch.nn.functional.linear(x, weight, b)
+    torch.testing.assert_close(cpu.linear(x, packed), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu.linear(x, packed, relu2=True), torch.relu(expected).square(), rtol=1e-5, atol=1e-5)
     x3 = torch.randn(2, 3, K, generator=g)
-    torch.testing.assert_close(cpu.linear(x3, cpu.PackedLinear(weight), b), torch.nn.functional.linear(x3, weight, b),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu.linear(x3, packed), torch.nn.functional.linear(x3, weight, b), rtol=1e-5, atol=1e-5)
 
 
 def test_linear_rows_do_not_depend_on_their_batch():
@@ -303,10 +304,10 @@ def test_linear_layer_repacks_when_its_weight_changes():
     with torch.no_grad():
         first = layer(x)
         packed = layer._packed
-        assert packed is not None and not packed.stale(layer.weight)
+        assert packed is not None and not packed.stale(layer.weight, layer.bias)
         torch.testing.assert_close(first, torch.nn.functional.linear(x, layer.weight, layer.bias))
         layer.weight.mul_(-2)  # an in-place update, as an optimizer step makes
-        assert packed.stale(layer.weight)
+        assert packed.stale(layer.weight, layer.bias)
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
         assert layer._packed is not packed
         layer.load_state_dict({"weight": torch.randn(40, 64), "bias": torch.zeros(40)})
@@ -316,14 +317,32 @@ def test_linear_layer_repacks_when_its_weight_changes():
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
 
 
+def test_linear_packs_several_maps_side_by_side():
+    """q, k and v projections packed together: one call, their outputs in order, each map's bias
+    (or none) with it; a change to any source makes the pack stale."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(10, 48, generator=g)
+    ws = [torch.randn(n, 48, generator=g) for n in (32, 8, 8)]
+    bs = [torch.randn(32, generator=g), None, torch.randn(8, generator=g)]
+    packed = cpu.PackedLinear(ws, bs)
+    got = cpu.linear(x, packed)
+    expected = torch.cat([torch.nn.functional.linear(x, w, b) for w, b in zip(ws, bs)], dim=1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert packed.splits == [32, 8, 8] and not packed.stale(*ws, *bs)
+    bs[2].add_(1)
+    assert packed.stale(*ws, *bs)
+
+
 def test_linear_rejects_mismatched_shapes():
     packed = cpu.PackedLinear(torch.randn(8, 4))
     with pytest.raises(ValueError, match="shapes do not agree"):
         cpu.linear(torch.randn(3, 5), packed)
-    with pytest.raises(ValueError, match="shapes do not agree"):
-        cpu.linear(torch.randn(3, 4), packed, torch.randn(7))
-    with pytest.raises(ValueError, match="is 2-D"):
+    with pytest.raises(ValueError, match="one bias"):
+        cpu.PackedLinear(torch.randn(8, 4), torch.randn(7))
+    with pytest.raises(ValueError, match="2-D with one input size"):
         cpu.PackedLinear(torch.randn(2, 8, 4))
+    with pytest.raises(ValueError, match="2-D with one input size"):
+        cpu.PackedLinear([torch.randn(8, 4), torch.randn(8, 5)])
 
 
 @pytest.mark.parametrize("march,width", [("x86-64-v3", 8), ("x86-64", 4)])
@@ -345,7 +364,10 @@ def test_linear_on_narrower_vectors(march, width, tmp_path):
     g = torch.Generator().manual_seed(5)
     for M, N, K in ((32, 100, 256), (3, 16, 7), (65, 33, 40)):
         x, weight, bias = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
-        packed = cpu.PackedLinear(weight)
-        y = torch.empty(M, N)
-        lib.agentrt_linear_f32(M, N, K, x.data_ptr(), K, packed.panels.data_ptr(), bias.data_ptr(), y.data_ptr(), N, 2)
-        torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+        packed = cpu.PackedLinear(weight, bias)
+        expected = torch.nn.functional.linear(x, weight, bias)
+        for relu2 in (0, 1):
+            y = torch.empty(M, N)
+            lib.agentrt_linear_f32(M, N, K, x.data_ptr(), K, packed.panels.data_ptr(), packed.bias.data_ptr(), relu2,
+                                   y.data_ptr(), N, 2)
+            torch.testing.assert_close(y, torch.relu(expected).square() if relu2 else expected, rtol=1e-5, atol=1e-4)

@@ -42,14 +42,14 @@ _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {
     "agentrt_mamba_mix_f32": [_i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr,
                               _ptr, _ptr, _ptr, _f32, _f32, _i64, _ptr, _ptr, _ptr, _ptr, ctypes.c_int],
-    "agentrt_moe_experts_f32": [_i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int],
     "agentrt_rms_norm_f32": [_i64, _i64, _ptr, _i64, _ptr, _f32, _ptr, ctypes.c_int],
     "agentrt_linear_f32": [_i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, ctypes.c_int, _ptr, _i64, ctypes.c_int],
     "agentrt_linear_vector_width": [],
+    "agentrt_moe_packed_f32": [_i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int],
     "agentrt_decode_attention_f32": [_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _f32, _ptr,
                                      _ptr, ctypes.c_int],
 }
-_RESTYPES = {"agentrt_moe_experts_f32": ctypes.c_int, "agentrt_linear_vector_width": ctypes.c_int}
+_RESTYPES = {"agentrt_moe_packed_f32": ctypes.c_int, "agentrt_linear_vector_width": ctypes.c_int}
 
 
 def enabled() -> bool:
@@ -333,14 +333,16 @@ def linear(x: torch.Tensor, packed: PackedLinear, relu2: bool = False) -> torch.
 
 
 class PackedExperts:
-    """Routed experts' weights (up [E, I, Din], down [E, Din, I]) packed expert by expert for `linear`."""
+    """Routed experts' weights (up [E, I, Din], down [E, Din, I]) packed expert by expert as `linear`
+    packs a weight: up [E, ceil(I / 16), Din, 16], down [E, ceil(Din / 16), I, 16]."""
 
     def __init__(self, up: torch.Tensor, down: torch.Tensor):
         if up.dim() != 3 or down.dim() != 3 or down.shape != (up.shape[0], up.shape[2], up.shape[1]):
             raise ValueError(f"PackedExperts: up {tuple(up.shape)} and down {tuple(down.shape)} must be "
                              "[E, I, Din] and [E, Din, I]")
-        self.up = [PackedLinear(w) for w in up]
-        self.down = [PackedLinear(w) for w in down]
+        self.experts, self.inter, self.d_in = up.shape
+        self.up = torch.stack([PackedLinear(w).panels for w in up])
+        self.down = torch.stack([PackedLinear(w).panels for w in down])
         self._source = (_identity(up), _identity(down))
 
     def stale(self, up: torch.Tensor, down: torch.Tensor) -> bool:
@@ -348,70 +350,35 @@ class PackedExperts:
 
 
 def moe_experts_packed_fits(x: torch.Tensor, up: torch.Tensor) -> bool:
-    """Whether `moe_experts_packed` is the faster path: `linear`'s conditions (prefill-sized batches;
-    decode-sized ones go to `moe_experts`)."""
-    return linear_fits(x, up[0].t())
+    """Whether `moe_experts_packed` is the faster path (at every batch size): `linear`'s conditions."""
+    return up.dim() == 3 and linear_fits(x, up[0])
 
 
 def moe_experts_packed(x: torch.Tensor, experts: PackedExperts, topk_ids: torch.Tensor,
                        topk_weights: torch.Tensor) -> torch.Tensor:
-    """`moe_experts_ref` with each expert's two products done by `linear`: rows sorted by expert, one
-    unpadded pair of products per expert, results weighted and added into the output by token."""
-    T, k = topk_ids.shape
-    E, d_in = len(experts.up), x.shape[1]
-    flat = topk_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=E).tolist()
-    if len(counts) != E:
-        raise ValueError(f"moe_experts_packed: expert ids must lie in [0, {E}), got up to {len(counts) - 1}")
-    tokens = order // k
-    weights = topk_weights.reshape(-1)[order, None].float()
-    xs = x.index_select(0, tokens)
-    out = torch.zeros(T, d_in, dtype=torch.float32)
-    start = 0
-    for expert, n in enumerate(counts):
-        if n:
-            h = linear(linear(xs[start:start + n], experts.up[expert], relu2=True), experts.down[expert])
-            out.index_add_(0, tokens[start:start + n], h.mul_(weights[start:start + n]))
-            start += n
-    return out.to(x.dtype)
-
-
-MOE_MAX_ROWS_PER_EXPERT = 8  # beyond this many (token, choice) pairs per expert, batched matmuls win
-
-
-def moe_experts_fits(x: torch.Tensor, up: torch.Tensor, topk_ids: torch.Tensor) -> bool:
-    """Whether `moe_experts` is the faster path here: float32 on CPU, decode-sized (a few rows per
-    expert: the C kernel multiplies row by row, where a large batch wants matmuls), no gradient
-    wanted, kernels built."""
-    return (x.is_cpu and x.dtype == up.dtype == torch.float32
-            and topk_ids.numel() <= MOE_MAX_ROWS_PER_EXPERT * up.shape[0] and _no_grad_needed(x, up) and available())
-
-
-def moe_experts(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
-                topk_weights: torch.Tensor) -> torch.Tensor:
-    """`moe_experts_ref` in C. x: [T, Din]; up: [E, I, Din]; down: [E, Din, I]; topk_ids: [T, k];
-    topk_weights: [T, k]. Returns [T, Din] float32."""
-    lib = _built("moe_experts_fits")
+    """`moe_experts_ref` in C on packed weights, any batch size: pairs sorted by expert, each
+    expert's two products by `linear`'s micro-kernel, each token's results summed in choice order.
+    x: [T, Din]; topk_ids, topk_weights: [T, k]. Returns [T, Din] float32."""
+    lib = _built("moe_experts_packed_fits")
     T, d_in = x.shape
-    E, inter = up.shape[0], up.shape[1]
+    E, inter = experts.experts, experts.inter
     k = topk_ids.shape[1]
-    if up.shape != (E, inter, d_in) or down.shape != (E, d_in, inter) or topk_weights.shape != topk_ids.shape:
-        raise ValueError(f"moe_experts: x {tuple(x.shape)}, up {tuple(up.shape)}, down {tuple(down.shape)}, "
-                         f"ids {tuple(topk_ids.shape)}, weights {tuple(topk_weights.shape)}: shapes do not agree")
+    if d_in != experts.d_in or topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != T:
+        raise ValueError(f"moe_experts_packed: x {tuple(x.shape)}, experts [{E}, {inter}, {experts.d_in}], ids "
+                         f"{tuple(topk_ids.shape)}, weights {tuple(topk_weights.shape)}: shapes do not agree")
     ids = topk_ids.to(torch.int64).contiguous()
     if ids.numel():  # the kernel indexes the weights with these
         lo, hi = torch.aminmax(ids)
         if int(lo) < 0 or int(hi) >= E:
-            raise ValueError(f"moe_experts: expert ids must lie in [0, {E}), got {int(lo)}..{int(hi)}")
-    x, up, down = x.contiguous(), up.detach().contiguous(), down.detach().contiguous()
+            raise ValueError(f"moe_experts_packed: expert ids must lie in [0, {E}), got {int(lo)}..{int(hi)}")
+    x = x.contiguous()
     weights = topk_weights.to(torch.float32).contiguous()
-    work = torch.empty(T * k, d_in + inter, dtype=torch.float32)
+    work = torch.empty(T * k, 2 * d_in + inter, dtype=torch.float32)
     out = torch.empty(T, d_in, dtype=torch.float32)
-    if lib.agentrt_moe_experts_f32(T, k, E, inter, d_in, x.data_ptr(), up.data_ptr(), down.data_ptr(),
-                                   ids.data_ptr(), weights.data_ptr(), work.data_ptr(), out.data_ptr(),
-                                   torch.get_num_threads()) != 0:
-        raise MemoryError("moe_experts: the C kernel could not allocate its index arrays")
+    if lib.agentrt_moe_packed_f32(T, k, E, inter, d_in, x.data_ptr(), experts.up.data_ptr(), experts.down.data_ptr(),
+                                  ids.data_ptr(), weights.data_ptr(), work.data_ptr(), out.data_ptr(),
+                                  torch.get_num_threads()) != 0:
+        raise MemoryError("moe_experts_packed: the C kernel could not allocate its index arrays")
     return out
 
 

@@ -96,6 +96,35 @@ static inline int64_t columns(int64_t n) { return n >= PANEL ? PANEL : n; }
     default: TILE(1, np); break;         \
     }
 
+/* y[0:rows, columns of panel pair `pair`] = x[0:rows] W^T (+ bias, act) on the calling thread */
+static inline void linear_block(int64_t rows_total, int64_t N, int64_t K, const float *x, int64_t ldx,
+                                const float *packed, const float *bias, int act, int64_t pair, float *y, int64_t ldy)
+{
+    const int64_t panels = (N + PANEL - 1) / PANEL;
+    const int64_t c0 = pair * 2 * PANEL; /* first output column */
+    const int np = 2 * pair + 1 < panels ? 2 : 1;
+    const float *p0 = packed + 2 * pair * K * PANEL, *p1 = p0 + K * PANEL;
+    const float *b = bias ? bias + c0 : 0;
+    const int64_t left = N - c0;
+    const int64_t m0 = columns(left), m1 = np == 2 ? columns(left - PANEL) : 0;
+    for (int64_t i = 0; i < rows_total; i += ROWS) {
+        const float *xr = x + i * ldx;
+        float *yr = y + i * ldy + c0;
+        const int64_t rows = rows_total - i < ROWS ? rows_total - i : ROWS;
+        if (np == 2)
+            TILES(2)
+        else
+            TILES(1)
+    }
+}
+
+/* linear_block for other kernels' own work splits (the MoE experts) */
+void agentrt_linear_block_f32(int64_t rows, int64_t N, int64_t K, const float *x, int64_t ldx, const float *packed,
+                              const float *bias, int act, int64_t pair, float *y, int64_t ldy)
+{
+    linear_block(rows, N, K, x, ldx, packed, bias, act, pair, y, ldy);
+}
+
 void agentrt_linear_f32(
     int64_t M, int64_t N, int64_t K,
     const float *x,      /* [M, K], rows ldx apart */
@@ -112,23 +141,9 @@ void agentrt_linear_f32(
     const int parallel = nthreads > 1 && blocks * pairs > 1 && M * N * K >= SERIAL_MACS;
 #pragma omp parallel for num_threads(nthreads) if(parallel) schedule(static)
     for (int64_t item = 0; item < blocks * pairs; item++) {
-        const int64_t block = item / pairs, pair = item % pairs;
-        const int64_t c0 = pair * 2 * PANEL; /* first output column */
-        const int np = 2 * pair + 1 < panels ? 2 : 1;
-        const float *p0 = packed + 2 * pair * K * PANEL, *p1 = p0 + K * PANEL;
-        const float *b = bias ? bias + c0 : 0;
-        const int64_t left = N - c0;
-        const int64_t m0 = columns(left), m1 = np == 2 ? columns(left - PANEL) : 0;
-        const int64_t end = (block + 1) * ROW_BLOCK < M ? (block + 1) * ROW_BLOCK : M;
-        for (int64_t i = block * ROW_BLOCK; i < end; i += ROWS) {
-            const float *xr = x + i * ldx;
-            float *yr = y + i * ldy + c0;
-            const int64_t rows = end - i < ROWS ? end - i : ROWS;
-            if (np == 2)
-                TILES(2)
-            else
-                TILES(1)
-        }
+        const int64_t block = item / pairs, i = block * ROW_BLOCK;
+        linear_block(M - i < ROW_BLOCK ? M - i : ROW_BLOCK, N, K, x + i * ldx, ldx, packed, bias, act,
+                     item % pairs, y + i * ldy, ldy);
     }
 }
 

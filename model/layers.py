@@ -118,8 +118,8 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """Routed experts, stacked: up_proj [E, I, Din], down_proj [E, Din, I] (Din = latent or hidden).
 
-    On CPU in float32, batches too large for the decode kernel multiply from packed copies of the
-    weights (made at first use, as `Linear` does)."""
+    On CPU in float32 (no gradient wanted) they run in C from packed copies of the weights, made at
+    first use and again when the weights change, as `Linear` does."""
 
     _packed: cpu_kernels.PackedExperts | None = None
 
@@ -135,9 +135,7 @@ class Experts(nn.Module):
             from agentrt.kernels.triton_moe import moe_experts as moe_experts_triton
 
             return moe_experts_triton(x, self.up_proj, self.down_proj, ids, weights)
-        if cpu_kernels.moe_experts_fits(x, self.up_proj, ids):  # decode-sized batches on CPU
-            return cpu_kernels.moe_experts(x, self.up_proj, self.down_proj, ids, weights).to(x.dtype)
-        if cpu_kernels.moe_experts_packed_fits(x, self.up_proj):  # larger ones
+        if cpu_kernels.moe_experts_packed_fits(x, self.up_proj):
             if self._packed is None or self._packed.stale(self.up_proj, self.down_proj):
                 self._packed = cpu_kernels.PackedExperts(self.up_proj, self.down_proj)
             return cpu_kernels.moe_experts_packed(x, self._packed, ids, weights)

@@ -113,7 +113,7 @@ def test_moe_experts_matches_reference(T, E, k):
     down = torch.randn(E, d_in, inter, generator=g) / inter**0.5
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
     weights = torch.rand(T, k, generator=g)
-    got = cpu.moe_experts(x, up, down, ids, weights)
+    got = cpu.moe_experts_packed(x, cpu.PackedExperts(up, down), ids, weights)
     torch.testing.assert_close(got, moe_experts_ref(x, up, down, ids, weights), rtol=1e-5, atol=1e-5)
 
 
@@ -141,20 +141,18 @@ def test_moe_experts_packed_matches_reference(T, E, k, skew):
         cpu.moe_experts_packed(x[:1], experts, torch.full((1, k), E), weights[:1])
 
 
-def test_moe_experts_is_chosen_for_decode_sizes_only():
-    up = torch.empty(16, 32, 8)
-    decode, prefill = torch.zeros(32, 4, dtype=torch.long), torch.zeros(1000, 4, dtype=torch.long)
-    assert cpu.moe_experts_fits(torch.empty(32, 8), up, decode)
-    assert not cpu.moe_experts_fits(torch.empty(1000, 8), up, prefill)
-    assert not cpu.moe_experts_fits(torch.empty(32, 8, dtype=torch.float16), up.half(), decode)
-
-
 def test_moe_experts_rejects_bad_ids():
     x, up, down = torch.randn(2, 8), torch.randn(4, 6, 8), torch.randn(4, 8, 6)
-    empty = cpu.moe_experts(x[:0], up, down, torch.zeros(0, 2, dtype=torch.long), torch.ones(0, 2))
+    experts = cpu.PackedExperts(up, down)
+    empty = cpu.moe_experts_packed(x[:0], experts, torch.zeros(0, 2, dtype=torch.long), torch.ones(0, 2))
     assert empty.shape == (0, 8)
     with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 4\), got 0..4"):
-        cpu.moe_experts(x, up, down, torch.tensor([[0, 4], [1, 2]]), torch.ones(2, 2))
+        cpu.moe_experts_packed(x, experts, torch.tensor([[0, 4], [1, 2]]), torch.ones(2, 2))
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        cpu.moe_experts_packed(torch.randn(2, 7), experts, torch.tensor([[0, 3], [1, 2]]), torch.ones(2, 2))
+    assert cpu.moe_experts_packed_fits(x, up)
+    assert not cpu.moe_experts_packed_fits(x.half(), up.half())
+    assert not cpu.moe_experts_packed_fits(torch.randn(2, 6), up)  # Din is up's last size
 
 
 def test_loading_the_kernels_leaves_floating_point_state_alone():
@@ -257,7 +255,8 @@ def test_the_kernels_step_aside_where_gradients_are_wanted():
         torch.nn.init.normal_(p, std=0.1)
     h = torch.randn(3, TINY_CONFIG["hidden_size"])
     with torch.no_grad():
-        fast = moe(h)  # decode-sized and no gradient wanted: the C kernel
+        fast = moe(h)  # no gradient wanted: the C kernel
+        assert moe.experts._packed is not None
     slow = moe(h)
     slow.sum().backward()
     assert moe.experts.up_proj.grad is not None and moe.experts.up_proj.grad.abs().sum() > 0

@@ -7,8 +7,9 @@
 | moe | `moe_experts_ref`, `moe_align_ref`, `moe_forward_ref` | `triton_moe` |
 
 The engine uses the Triton kernels on CUDA and the torch paths on CPU, where `cpu` adds C kernels
-(`cpu_*.c`: the Mamba mixer over pooled states) built at first use with the system C compiler,
-each checked against its torch reference; without a compiler the torch paths stay. `AGENTRT_KERNELS`
+(`cpu_*.c`: linear layers, routed experts, the Mamba mixer, decode attention, RMSNorm) built at
+first use with the system C compiler, each checked against its torch reference; without a compiler
+the torch paths stay. `AGENTRT_KERNELS`
 overrides that: `ref` forces the torch references everywhere (C kernels off too; on CUDA, to debug
 a kernel), `triton` forces the Triton kernels on CPU (run by Triton's interpreter when
 `TRITON_INTERPRET=1`; that is how the tests check the kernel forward without a GPU). The

@@ -49,6 +49,17 @@ def test_every_kernel_row_has_positive_finite_bandwidth(full_run):
             assert re.search(r">= \d+% BW: (met|not met)$", cells[-1]), cells
 
 
+def test_cpu_rows_put_each_c_kernel_beside_the_torch_operator_it_replaces(full_run):
+    from agentrt.kernels import cpu
+
+    if not cpu.available():
+        pytest.skip("no C compiler: the CPU path keeps its torch kernels")
+    text = full_run.split("```")[0]
+    lines = [ln for ln in text.splitlines() if ln.startswith(("linear ", "moe_experts batch 32 ", "moe_experts batch 2048 "))]
+    impls = sorted(re.split(r"\s{2,}", ln.strip())[2] for ln in lines)
+    assert impls == ["C packed"] * 4 + ["torch"] * 2 + ["torch fast"] * 2, lines
+
+
 def test_ceilings_and_engine_row(full_run):
     copy = re.search(r"^copy bandwidth: ([\d,.]+) GB/s", full_run, re.M)
     matmul = re.search(r"^matmul rate: ([\d.e+-]+) TFLOP/s \(\d+x\d+x\d+ \w+ matmul\)", full_run, re.M)

@@ -72,6 +72,7 @@ DECODE_BATCH, DECODE_CONTEXT = 64, 4096
 PREFILL_NEW, PREFILL_CACHED = 2048, 2048
 SCAN_SEQS, SCAN_TOKENS = 8, 1024
 MOE_BATCHES = (1, 8, 64)
+DECODE_ROWS = 32  # the C kernels' rows on CPU: a decode step of 32 sequences
 ENGINE_BATCH, ENGINE_PROMPT, ENGINE_GEN = 64, 128, 64
 REPEATS = 2  # engine and transformers runs of each length; the fastest counts
 
@@ -499,6 +500,40 @@ def case_moe_forward(c: Ctx, T: int = 64, up=None, down=None) -> Row:
     return Row(f"moe_forward batch {T}", f"experts + shared expert, {touched} touched", c.impl(fn), ms, nbytes, flops)
 
 
+def cpu_rows(c: Ctx, up, down) -> list[Row]:
+    """On CPU with the C kernels built: each C kernel beside the torch operator it replaces, on the
+    same inputs (decode and prefill sizes of the Mamba in-projection, the routed experts)."""
+    import torch.nn.functional as F
+
+    from agentrt.kernels import cpu
+    from agentrt.kernels.moe import moe_experts
+
+    s = c.shapes
+    rows = []
+    n_out = 2 * s.mamba_inner + 2 * s.n_groups * s.ssm_state + s.mamba_heads
+    w = c.randn(n_out, s.hidden, scale=s.hidden ** -0.5)
+    packed = cpu.PackedLinear(w)
+    for M, what in ((DECODE_ROWS, "decode"), (PREFILL_NEW, "prefill")):
+        x = c.randn(M, s.hidden)
+        nbytes = (M * s.hidden + n_out * s.hidden + M * n_out) * c.esize
+        flops = 2.0 * M * s.hidden * n_out
+        shape = f"{M} x {s.hidden} -> {n_out} (Mamba in-projection, {what})"
+        rows.append(Row("linear", shape, "torch", c.time(lambda: F.linear(x, w)), nbytes, flops))
+        rows.append(Row("linear", shape, "C packed", c.time(lambda: cpu.linear(x, packed)), nbytes, flops))
+    experts = cpu.PackedExperts(up, down)
+    for T in (DECODE_ROWS, PREFILL_NEW):
+        x = c.randn(T, s.hidden)
+        ids, weights = _routing(c, T)
+        nbytes, touched = _moe_bytes(c, T, ids)
+        flops = 4.0 * T * s.top_k * s.expert_intermediate * s.hidden
+        shape = f"{s.experts} experts top-{s.top_k}, {touched} touched"
+        rows.append(Row(f"moe_experts batch {T}", shape, "torch fast",
+                        c.time(lambda: moe_experts(x, up, down, ids, weights)), nbytes, flops))
+        rows.append(Row(f"moe_experts batch {T}", shape, "C packed",
+                        c.time(lambda: cpu.moe_experts_packed(x, experts, ids, weights)), nbytes, flops))
+    return rows
+
+
 CASES: list[Callable[[Ctx], Row]] = [case_decode_attention, case_prefill_attention, case_write_kv, case_state_update,
                                      case_ssd_scan, case_conv_varlen, case_conv_update, case_gated_rmsnorm]
 
@@ -649,6 +684,7 @@ def run_benchmark(shapes: str | None = None, layers: int = 4, iters: int = 20, s
     import torch
 
     from agentrt import __version__
+    from agentrt.kernels import cpu as cpu_kernels
     from agentrt.kernels import use_triton
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -676,6 +712,9 @@ def run_benchmark(shapes: str | None = None, layers: int = 4, iters: int = 20, s
             rows.append(case_moe_experts(c, T, up, down))
         log("  moe_forward batch 64")
         rows.append(case_moe_forward(c, 64, up, down))
+        if device.type == "cpu" and dtype == torch.float32 and cpu_kernels.available():
+            log("  the C kernels of the CPU path")
+            rows.extend(cpu_rows(c, up, down))
         del up, down
     report = Report(s, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     str(dtype).removeprefix("torch."), iters, copy_gbps, matmul_tflops, copy_what, matmul_what,

@@ -502,7 +502,8 @@ def case_moe_forward(c: Ctx, T: int = 64, up=None, down=None) -> Row:
 
 def cpu_rows(c: Ctx, up, down) -> list[Row]:
     """On CPU with the C kernels built: each C kernel beside the torch operator it replaces, on the
-    same inputs (decode and prefill sizes of the Mamba in-projection, the routed experts)."""
+    same inputs (decode attention; decode and prefill sizes of the Mamba in-projection and of the
+    routed experts)."""
     import torch.nn.functional as F
 
     from agentrt.kernels import cpu
@@ -520,6 +521,13 @@ def cpu_rows(c: Ctx, up, down) -> list[Row]:
         shape = f"{M} x {s.hidden} -> {n_out} (Mamba in-projection, {what})"
         rows.append(Row("linear", shape, "torch", c.time(lambda: F.linear(x, w)), nbytes, flops))
         rows.append(Row("linear", shape, "C packed", c.time(lambda: cpu.linear(x, packed)), nbytes, flops))
+    ctx = [DECODE_CONTEXT] * DECODE_BATCH  # decode attention: `case_decode_attention`'s workload, in C
+    q, k_pool, v_pool, _, slot_table, _ = _attention_inputs(c, [1] * DECODE_BATCH, ctx)
+    table = cpu.DecodeTable(slot_table[:, :0].reshape(-1).long(), list(slot_table.long()), k_pool.shape[0])
+    nbytes = 2 * q.numel() * c.esize + 2 * sum(ctx) * s.kv_heads * s.head_dim * c.esize + 8 * sum(ctx)
+    rows.append(Row("decode attention", f"batch {DECODE_BATCH}, context {DECODE_CONTEXT}", "C",
+                    c.time(lambda: cpu.decode_attention(q, k_pool, v_pool, table, s.head_dim ** -0.5)), nbytes,
+                    4.0 * s.q_heads * s.head_dim * sum(ctx)))
     experts = cpu.PackedExperts(up, down)
     for T in (DECODE_ROWS, PREFILL_NEW):
         x = c.randn(T, s.hidden)

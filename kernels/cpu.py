@@ -271,7 +271,8 @@ class PackedLinear:
         if not weights or any(w.dim() != 2 or w.shape[1] != weights[0].shape[1] for w in weights):
             raise ValueError(f"PackedLinear: weights [out, in] are 2-D with one input size, got "
                              f"{[tuple(w.shape) for w in weights]}")
-        if len(biases) != len(weights) or any(b is not None and b.shape != (w.shape[0],) for w, b in zip(weights, biases)):
+        if len(biases) != len(weights) or any(b is not None and b.shape != (w.shape[0],)
+                                                  for w, b in zip(weights, biases)):
             raise ValueError(f"PackedLinear: one bias [out] (or None) per weight, got {len(biases)} for {len(weights)}")
         self.in_features = weights[0].shape[1]
         self.splits = [w.shape[0] for w in weights]

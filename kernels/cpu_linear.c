@@ -38,7 +38,7 @@ typedef float fv_unaligned __attribute__((vector_size(VL * sizeof(float)), align
 #define SERIAL_MACS (1 << 18) /* below this many multiply-adds, one thread */
 #define ACT_RELU2 1           /* act: 0 none, 1 squared ReLU after the bias */
 
-/* relu(v)^2: the sign bit's mask keeps the positive lanes */
+/* relu(v)^2: the comparison sets all bits of the positive lanes, and the mask keeps them */
 static inline fv relu2(fv v)
 {
     const fv r = (fv)((iv)v & (v > 0.0f));

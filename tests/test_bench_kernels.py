@@ -55,7 +55,8 @@ def test_cpu_rows_put_each_c_kernel_beside_the_torch_operator_it_replaces(full_r
     if not cpu.available():
         pytest.skip("no C compiler: the CPU path keeps its torch kernels")
     text = full_run.split("```")[0]
-    lines = [ln for ln in text.splitlines() if ln.startswith(("linear ", "moe_experts batch 32 ", "moe_experts batch 2048 "))]
+    lines = [ln for ln in text.splitlines()
+             if ln.startswith(("linear ", "moe_experts batch 32 ", "moe_experts batch 2048 "))]
     impls = sorted(re.split(r"\s{2,}", ln.strip())[2] for ln in lines)
     assert impls == ["C packed"] * 4 + ["torch"] * 2 + ["torch fast"] * 2, lines
     attention = [re.split(r"\s{2,}", ln.strip())[2] for ln in text.splitlines() if ln.startswith("decode attention ")]

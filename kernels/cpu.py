@@ -111,7 +111,7 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(target: Path, sources: list[Path]) -> str | None:
+def _build(target: Path, sources: list[Path], flags: tuple[str, ...] = COMPILE_FLAGS) -> str | None:
     """Compile the sources into `target` (atomically); return None on success, else the reason."""
     cc = _compiler()
     if cc is None:
@@ -121,7 +121,7 @@ def _build(target: Path, sources: list[Path]) -> str | None:
         errors = ""
         for openmp in (["-fopenmp"], []):  # without OpenMP the kernels run on one thread
             objects = [str(Path(tmp) / f"{src.stem}.o") for src in sources]
-            steps = [[cc, *COMPILE_FLAGS, *openmp, "-c", str(src), "-o", obj] for src, obj in zip(sources, objects)]
+            steps = [[cc, *flags, *openmp, "-c", str(src), "-o", obj] for src, obj in zip(sources, objects)]
             steps.append([cc, "-shared", *openmp, *objects, "-o", str(Path(tmp) / "lib.so"), "-lm"])
             for cmd in steps:
                 done = subprocess.run(cmd, capture_output=True, text=True)

@@ -46,8 +46,9 @@ class Linear(nn.Linear):
     """`nn.Linear` (same parameters, same checkpoint names) that on CPU, in float32 and where no
     gradient is wanted, multiplies in C from a copy of its weight packed for that kernel: at decode
     sizes about twice torch's speed (docs/kernels.md). The copy is made at first use and again
-    whenever the weight changes (a load, an optimizer step, a move). `relu2=True` returns
-    relu(.)^2 of the output, in the same pass on the C path."""
+    whenever the weight changes (a load, an optimizer step, a move; after a write through `.data`,
+    which torch does not version, call `drop_packed`). `relu2=True` returns relu(.)^2 of the output,
+    in the same pass on the C path."""
 
     _packed: cpu_kernels.PackedLinear | None = None
 
@@ -62,6 +63,18 @@ class Linear(nn.Linear):
         if torch.is_grad_enabled() and y.requires_grad:
             return torch.relu(y).square()
         return torch.relu_(y).square_()  # in place on the fresh projection: no new buffers to fault in
+
+
+def drop_packed(module: nn.Module) -> int:
+    """Forget the packed weight copies of every layer under `module` (they are rebuilt at next use);
+    returns how many were dropped. Writes through the version counter (`copy_` under `no_grad`,
+    `load_state_dict`, an optimizer step) are noticed on their own; writes through `.data` are not."""
+    dropped = 0
+    for m in module.modules():
+        for name in [n for n in vars(m) if n.startswith("_packed")]:
+            dropped += getattr(m, name) is not None
+            delattr(m, name)
+    return dropped
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:

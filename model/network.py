@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Block, Linear, RMSNorm
+from .layers import Block, Linear, RMSNorm, drop_packed
 from .state import SequenceBatchView, SequenceState, StateView
 
 
@@ -75,6 +75,13 @@ class NemotronH(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
+
+    def weights_changed(self) -> int:
+        """Say that weights were written where torch keeps no version (through `.data`, or by a
+        C extension): the packed copies the CPU kernels multiply from are dropped and rebuilt at
+        next use. Other writes (`copy_` under `no_grad`, `load_state_dict`, optimizer steps) are
+        noticed without this. Returns how many copies were dropped."""
+        return drop_packed(self)
 
     def new_state(self) -> SequenceState:
         return SequenceState(self.config, self.device, self.dtype)

@@ -332,6 +332,29 @@ def test_linear_packs_several_maps_side_by_side():
     assert packed.stale(*ws, *bs)
 
 
+def test_weights_written_through_data_are_picked_up_after_weights_changed():
+    """`.data` writes bypass the version counter, so the packed copies cannot see them; the model's
+    `weights_changed()` drops every copy (q/k/v, linear layers, experts) and the next step repacks."""
+    from agentrt.model.config import ModelConfig
+    from agentrt.model.network import NemotronH
+    from agentrt.model.tiny import TINY_CONFIG, _init_weights
+
+    model = NemotronH(ModelConfig.from_dict(TINY_CONFIG))
+    _init_weights(model, seed=0)
+    ids = torch.arange(12, 30)
+    with torch.no_grad():
+        model.logits(model(ids))  # packs every layer's weights
+        for p in model.parameters():  # an RL trainer's weight sync, the old-fashioned way
+            p.data.mul_(0.5)
+        stale = model.logits(model(ids))  # the packed copies still hold the old weights
+        assert model.weights_changed() > 10
+        fresh = model.logits(model(ids))
+        with torch.enable_grad():
+            expected = model.logits(model(ids)).detach()  # gradients on: torch's operators, no copies
+    torch.testing.assert_close(fresh, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(stale, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_linear_rejects_mismatched_shapes():
     packed = cpu.PackedLinear(torch.randn(8, 4))
     with pytest.raises(ValueError, match="shapes do not agree"):

@@ -19,8 +19,8 @@
 void agentrt_linear_block_f32(int64_t rows, int64_t N, int64_t K, const float *x, int64_t ldx, const float *packed,
                               const float *bias, int act, int64_t pair, float *y, int64_t ldy);
 
-#define PANEL 16
-#define ROW_BLOCK 64
+#define PANEL 16     /* cpu_linear.c's panel width: the experts' weights are packed as its weights are */
+#define ROW_BLOCK 64 /* rows of one expert per work item, as cpu_linear.c splits rows */
 
 typedef struct {
     int64_t expert, row, rows; /* rows [row, row + rows) of the sorted pairs */

@@ -42,8 +42,9 @@ def moe_experts_ref(
     return unsorted.view(T, k, -1).sum(1).to(x.dtype)
 
 
-def _relu2(h: torch.Tensor) -> torch.Tensor:
-    """Squared ReLU, in place on the fresh projection unless autograd needs the original."""
+def relu2_fresh(h: torch.Tensor) -> torch.Tensor:
+    """Squared ReLU of a freshly computed projection: in place (no new buffer to fault in) unless
+    autograd needs the original."""
     if torch.is_grad_enabled() and h.requires_grad:
         return torch.relu(h).square()
     return torch.relu_(h).square_()
@@ -76,14 +77,14 @@ def moe_experts(
         grouped = x.new_zeros(E * width, d_in)
         grouped[slot] = x.index_select(0, tokens)
         h = torch.bmm(grouped.view(E, width, d_in), up.transpose(1, 2))
-        h = torch.bmm(_relu2(h), down.transpose(1, 2)).view(E * width, d_in)
+        h = torch.bmm(relu2_fresh(h), down.transpose(1, 2)).view(E * width, d_in)
         out.index_add_(0, tokens, h.index_select(0, slot).float().mul_(weights))
     else:
         xs = x.index_select(0, tokens)
         start = 0
         for expert, n in enumerate(counts.tolist()):
             if n:
-                h = _relu2(xs[start:start + n] @ up[expert].t()) @ down[expert].t()
+                h = relu2_fresh(xs[start:start + n] @ up[expert].t()) @ down[expert].t()
                 out.index_add_(0, tokens[start:start + n], h.float().mul_(weights[start:start + n]))
                 start += n
     return out.to(x.dtype)

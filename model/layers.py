@@ -20,7 +20,7 @@ from agentrt.kernels.mamba import (
     selective_state_update,
     ssd_scan,
 )
-from agentrt.kernels.moe import moe_experts
+from agentrt.kernels.moe import moe_experts, relu2_fresh
 
 from .config import ModelConfig
 from .state import StateView
@@ -58,11 +58,7 @@ class Linear(nn.Linear):
                 self._packed = cpu_kernels.PackedLinear(self.weight, self.bias)
             return cpu_kernels.linear(x, self._packed, relu2)
         y = F.linear(x, self.weight, self.bias)
-        if not relu2:
-            return y
-        if torch.is_grad_enabled() and y.requires_grad:
-            return torch.relu(y).square()
-        return torch.relu_(y).square_()  # in place on the fresh projection: no new buffers to fault in
+        return relu2_fresh(y) if relu2 else y
 
 
 def drop_packed(module: nn.Module) -> int:
